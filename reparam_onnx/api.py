@@ -1,0 +1,102 @@
+"""The library entry points: fuse() and fuse_with_report()."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Union
+
+import numpy as np
+import onnx
+
+from . import io
+from .errors import InputError, VerificationError
+from .report import Report, Verification
+from .rewrite import FLOAT_TYPES, fuse_graph, op_counts, static_shapes
+from .rulebook import RuleError, load_rules
+from .verify import compare
+
+ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+
+_UNSUPPORTED_OPS = {"If": "If", "Loop": "Loop", "Scan": "Scan",
+                    "QuantizeLinear": "quantized (Q/DQ)", "DequantizeLinear": "quantized (Q/DQ)",
+                    "QLinearConv": "quantized (QLinearConv)"}
+
+
+@dataclass
+class FuseResult:
+    model: onnx.ModelProto          # the fused model (the input itself when nothing was fused)
+    report: Report
+    external_data: bool = False     # the input kept its weights in external data files
+
+
+def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[str] = (),
+                     builtin_rules: bool = True, seed: int = 0, rtol: Optional[float] = None,
+                     atol: float = 0.0, inputs: Optional[Dict[str, np.ndarray]] = None,
+                     initializers_as_constants: bool = False, write: bool = True) -> FuseResult:
+    """Fuse every exact, wanted block and say what happened.
+
+    `model` is a path or an onnx.ModelProto; a ModelProto is never modified. `rules`
+    names extra folders of rule files. With verify=True onnxruntime compares the two
+    models (see verify.py) and VerificationError is raised, carrying the report, when
+    they differ beyond rtol/atol or cannot be run. With write=False the model is only
+    analysed: the report lists the blocks, and the returned model is the input.
+    """
+    try:
+        rulebook = load_rules(rules, builtin=builtin_rules)
+    except RuleError as exc:
+        raise InputError(str(exc)) from None
+    original, folder, external = io.load(model)
+    io.check(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model")
+    report = Report(ops_before=op_counts(original.graph))
+    if initializers_as_constants:
+        report.notes.append("initializers listed as graph inputs were treated as constants (--initializers-as-constants)")
+    _note_unsupported(original, report)
+    work = onnx.ModelProto()
+    work.CopyFrom(original)
+    report.blocks = fuse_graph(work, rulebook, initializers_as_constants,
+                               str(folder) if folder else None, write=write)
+    fused_blocks = [b for b in report.blocks if b.fused]
+    result_model = work if write and fused_blocks else original
+    report.ops_after = op_counts(result_model.graph)
+    if verify and fused_blocks:
+        types = {name: _elem_type(dtype) for name, (_, dtype) in static_shapes(original).items() if dtype is not None}
+        check_model = work if write else None
+        if check_model is None:
+            report.verification = Verification(ran=False, passed=True, message="analysis only")
+        else:
+            report.verification = compare(original, check_model, [b.output for b in fused_blocks], types,
+                                          seed=seed, rtol=rtol, atol=atol, inputs=inputs)
+            for b in fused_blocks:
+                b.error = report.verification.errors.get(b.output)
+            if not report.verification.passed:
+                raise VerificationError(_failure(report.verification), report)
+    elif verify:
+        report.verification = Verification(ran=False, passed=True, message="nothing was fused")
+    else:
+        report.verification = Verification(ran=False, passed=True, message="--no-verify")
+    report.written = bool(write and fused_blocks)
+    return FuseResult(result_model, report, external)
+
+
+def fuse(model: ModelLike, **options) -> onnx.ModelProto:
+    """The fused model; see fuse_with_report for the options."""
+    return fuse_with_report(model, **options).model
+
+
+def _failure(v: Verification) -> str:
+    if not v.ran:
+        return f"verification could not run: {v.message}"
+    name, err = max(v.errors.items(), key=lambda kv: kv[1])
+    return f"verification failed: '{name}' differs by {err:.3e} (max|Δ|/max|ref|, rtol {v.tolerance['rtol']:.0e})"
+
+
+def _elem_type(dtype) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _note_unsupported(model: onnx.ModelProto, report: Report) -> None:
+    seen = sorted({_UNSUPPORTED_OPS[n.op_type] for n in model.graph.node if n.op_type in _UNSUPPORTED_OPS})
+    for what in seen:
+        report.notes.append(f"{what} parts of the graph are left as they are (not supported)")
+    if model.functions:
+        report.notes.append("model-local functions are left as they are (not supported)")

@@ -1,0 +1,155 @@
+"""A read-only index over an ONNX graph and a folder for constant parameter subgraphs."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Ops whose output depends on an activation only through its static shape or dtype.
+_SHAPE_ONLY_INPUTS = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
+# Constant subgraphs larger than this many elements are not materialized.
+MAX_FOLD_ELEMENTS = 1 << 26
+
+
+class NotConstant(Exception):
+    """The tensor depends on a model input (the message says how)."""
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class GraphIndex:
+    """Producers, consumers, initializers, static shapes and constant values of one graph."""
+
+    def __init__(self, graph: onnx.GraphProto, shapes: Dict[str, tuple], opset: int,
+                 initializers_are_constant: bool = False, external_base: Optional[str] = None):
+        self.graph = graph
+        self.opset = opset
+        self.producer: Dict[str, onnx.NodeProto] = {}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+        self.outputs = {o.name for o in graph.output}
+        self.shapes = shapes
+        self.initializers_are_constant = initializers_are_constant
+        self.external_base = external_base
+        self._values: Dict[str, np.ndarray] = {}
+
+    def fan_out(self, name: str) -> int:
+        return len(self.consumers.get(name, ())) + (name in self.outputs)
+
+    def overridable(self, name: str) -> bool:
+        """An initializer that is also a graph input can be replaced at run time."""
+        return name in self.inputs and name in self.initializers and not self.initializers_are_constant
+
+    def value(self, name: str) -> np.ndarray:
+        """The constant value of a tensor, or NotConstant with the reason."""
+        if name in self._values:
+            return self._values[name]
+        return self._compute(name, depth=0)
+
+    def try_value(self, name: str) -> Optional[np.ndarray]:
+        try:
+            return self.value(name)
+        except NotConstant:
+            return None
+
+    def _compute(self, name: str, depth: int) -> np.ndarray:
+        if name in self._values:
+            return self._values[name]
+        if depth > 64:
+            raise NotConstant(f"'{name}' is computed by too deep a subgraph")
+        if name in self.initializers:
+            if self.overridable(name):
+                raise NotConstant(f"'{name}' is a graph input (it can be overridden at run time)")
+            tensor = self.initializers[name]
+            _check_size(tensor.dims, name)
+            value = numpy_helper.to_array(tensor, self.external_base or "")
+        elif name in self.inputs:
+            raise NotConstant(f"'{name}' is a graph input")
+        elif name in self.producer:
+            node = self.producer[name]
+            value = self._evaluate(node, name, depth)
+        else:
+            raise NotConstant(f"'{name}' is not produced by any node")
+        self._values[name] = value
+        return value
+
+    def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
+        if node.domain not in ("", "ai.onnx"):
+            raise NotConstant(f"'{name}' comes from {node.domain}.{node.op_type}")
+        if node.op_type == "Constant":
+            return _constant_value(node)
+        if node.op_type == "Identity":
+            return self._compute(node.input[0], depth + 1)
+        shape_only = _SHAPE_ONLY_INPUTS.get(node.op_type, ())
+        feeds = {}
+        for pos, inp in enumerate(node.input):
+            if not inp:
+                continue
+            if pos in shape_only:
+                feeds[inp] = self._shape_stand_in(node, inp)
+            else:
+                feeds[inp] = self._compute(inp, depth + 1)
+        return _run_node(node, feeds, name, self.opset)
+
+    def _shape_stand_in(self, node: onnx.NodeProto, name: str) -> np.ndarray:
+        """A zero array with the activation's static shape and dtype, for ops that read only those."""
+        try:
+            return self._compute(name, 1)
+        except NotConstant:
+            pass
+        info = self.shapes.get(name)
+        if info is None or info[0] is None:
+            raise NotConstant(f"{node.op_type} '{node.name}' reads '{name}', whose shape is unknown")
+        dims, dtype = info
+        if node.op_type == "CastLike":
+            return np.zeros((), dtype)
+        if any(d is None for d in dims):
+            raise NotConstant(f"{node.op_type} '{node.name}' reads '{name}', whose shape is dynamic")
+        return np.zeros(dims, dtype)
+
+
+def _check_size(dims, name):
+    if int(np.prod(dims, dtype=np.int64)) > MAX_FOLD_ELEMENTS:
+        raise NotConstant(f"'{name}' is too large to fold ({list(dims)})")
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    value = onnx.helper.get_attribute_value(attr)
+    kinds = {"value_float": np.float32, "value_int": np.int64, "value_floats": np.float32, "value_ints": np.int64}
+    if attr.name in kinds:
+        return np.asarray(value, kinds[attr.name])
+    raise NotConstant(f"Constant '{node.name}' uses the unsupported attribute {attr.name}")
+
+
+def _run_node(node: onnx.NodeProto, feeds: Dict[str, np.ndarray], name: str, opset: int) -> np.ndarray:
+    """Evaluate one node on constant inputs with onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+    inputs = [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for k, v in feeds.items()]
+    outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        results = ReferenceEvaluator(model).run(None, feeds)
+    except Exception as exc:  # the reference evaluator raises many kinds
+        raise NotConstant(f"cannot evaluate {node.op_type} '{node.name}': {type(exc).__name__}") from None
+    value = results[[o for o in node.output if o].index(name)]
+    value = np.asarray(value)
+    _check_size(value.shape, name)
+    return value

@@ -1,0 +1,140 @@
+"""Loading and saving models: external data, atomic writes, nothing else touched."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import InputError
+
+TWO_GIB = 2**31
+EXTERNAL_THRESHOLD = 1024   # bytes; smaller tensors stay inside the model file
+
+
+def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], bool]:
+    """(model, folder of the model file or None, whether it used external data).
+
+    A ModelProto is returned as given (callers copy before editing). A path is read
+    with its external data, which must lie inside the model's folder.
+    """
+    if isinstance(source, onnx.ModelProto):
+        return source, None, _has_external(source)
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"'{path}' does not exist")
+    if path.is_dir():
+        raise InputError(f"'{path}' is a directory, not an ONNX model")
+    if path.stat().st_size == 0:
+        raise InputError(f"'{path}' is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise InputError(f"'{path}' is not an ONNX model ({_first_line(exc) or type(exc).__name__})") from None
+    if not model.HasField("graph") or not model.graph.node and not model.graph.output:
+        raise InputError(f"'{path}' is not an ONNX model (no graph)")
+    external = _has_external(model)
+    if external:
+        _load_external(model, path.parent)
+    return model, path.parent, external
+
+
+def check(model: onnx.ModelProto, name: str = "model") -> None:
+    """onnx's checker on the graph structure, as an InputError on the first problem."""
+    try:
+        if model.ByteSize() < TWO_GIB:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{name} is not a valid ONNX model: {_first_line(exc)}") from None
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _load_external(model: onnx.ModelProto, folder: Path) -> None:
+    from onnx.external_data_helper import load_external_data_for_tensor, ExternalDataInfo
+    root = folder.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = Path(location)
+        if target.is_absolute() or ".." in target.parts:
+            raise InputError(f"external data '{location}' of '{tensor.name}' is outside the model's folder; "
+                             f"copy it next to the model")
+        full = folder / target
+        if full.is_symlink() or not full.resolve().is_relative_to(root):
+            raise InputError(f"external data '{location}' is a symlink; copy the file next to the model")
+        if not full.is_file():
+            raise InputError(f"external data file '{location}' of '{tensor.name}' is missing")
+        try:
+            load_external_data_for_tensor(tensor, str(folder))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read external data '{location}': {_first_line(exc)}") from None
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False) -> None:
+    """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
+
+    With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
+    to '<output name>.data' next to the output. The model is modified to point there.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder '{folder}' does not exist")
+    if path.is_dir():
+        raise InputError(f"output path '{path}' is a directory")
+    external = external or model.ByteSize() >= TWO_GIB
+    data_path = path.with_name(path.name + ".data")
+    if external:
+        _write_atomic(data_path, lambda f: _externalize(model, f, data_path.name))
+    _write_atomic(path, lambda f: f.write(model.SerializeToString()))
+
+
+def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
+    offset = 0
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
+            continue
+        pad = (-offset) % 4096
+        handle.write(b"\0" * pad)
+        offset += pad
+        data = tensor.raw_data
+        handle.write(data)
+        del tensor.external_data[:]
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        offset += len(data)
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

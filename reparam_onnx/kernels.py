@@ -1,0 +1,99 @@
+"""Pure NumPy kernel arithmetic for structural re-parameterization.
+
+Everything here works in float64 on plain arrays; nothing imports ONNX.
+A conv kernel K has shape (O, C/g, k_1, ..., k_n) for an n-D convolution with
+g groups; a bias has shape (O,). Per-channel affine maps are (scale, shift)
+pairs of shape (C,).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def bn_affine(gamma, beta, mean, var, eps):
+    """BatchNormalization as y = s·x + t with s = γ/√(σ²+ε), t = β − μ·s."""
+    s = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
+    t = np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * s
+    return s, t
+
+
+def fold_affine(kernel, bias, scale, shift):
+    """Per-output-channel affine after a conv: K' = K·s[o], b' = b·s + t."""
+    spatial = (1,) * (kernel.ndim - 1)
+    return kernel * scale.reshape((-1,) + spatial), bias * scale + shift
+
+
+def fold_bn(kernel, bias, gamma, beta, mean, var, eps):
+    """BN after a conv: K' = K·s, b' = β + (b − μ)·s with s = γ/√(σ²+ε)."""
+    return fold_affine(kernel, bias, *bn_affine(gamma, beta, mean, var, eps))
+
+
+def input_channel_index(out_channels: int, in_per_group: int, group: int) -> np.ndarray:
+    """Index of the input channel that K[o, i] reads, shape (O, C/g): (o // (O/g))·(C/g) + i."""
+    out_per_group = out_channels // group
+    o = np.arange(out_channels)[:, None]
+    i = np.arange(in_per_group)[None, :]
+    return (o // out_per_group) * in_per_group + i
+
+
+def scale_input_channels(kernel, scale, group):
+    """A per-input-channel scale before a conv: K'[o, i] = K[o, i]·s[c(o, i)]."""
+    idx = input_channel_index(kernel.shape[0], kernel.shape[1], group)
+    return kernel * scale[idx].reshape(idx.shape + (1,) * (kernel.ndim - 2))
+
+
+def bias_of_input_shift(kernel, shift, group):
+    """A per-input-channel shift t before an unpadded conv adds Σ_{i,taps} K[o, i]·t[c(o, i)]."""
+    idx = input_channel_index(kernel.shape[0], kernel.shape[1], group)
+    taps = kernel.reshape(kernel.shape[0], kernel.shape[1], -1).sum(axis=2)
+    return (taps * shift[idx]).sum(axis=1)
+
+
+def identity_kernel(channels: int, group: int, rank: int) -> np.ndarray:
+    """The conv that copies its input: I[o, o mod (C/g), 0, ...] = 1, kernel 1 per axis."""
+    per_group = channels // group
+    kernel = np.zeros((channels, per_group) + (1,) * rank)
+    kernel[(np.arange(channels), np.arange(channels) % per_group) + (0,) * rank] = 1.0
+    return kernel
+
+
+def dilate_kernel(kernel, factors: Sequence[int]):
+    """Insert (r − 1) zeros between taps per spatial axis: size k → r·(k − 1) + 1."""
+    if all(r == 1 for r in factors):
+        return kernel
+    shape = kernel.shape[:2] + tuple(r * (k - 1) + 1 for r, k in zip(factors, kernel.shape[2:]))
+    out = np.zeros(shape)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, r) for r in factors)] = kernel
+    return out
+
+
+def place_kernel(kernel, offsets: Sequence[int], size: Sequence[int]):
+    """Zero kernel of spatial `size` with `kernel` placed at per-axis tap `offsets`."""
+    if tuple(size) == kernel.shape[2:] and not any(offsets):
+        return kernel
+    out = np.zeros(kernel.shape[:2] + tuple(size))
+    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))] = kernel
+    return out
+
+
+def expand_groups(kernel, group: int, new_group: int):
+    """Rewrite a g-group conv as a conv with g' groups (g' divides g), block-diagonally."""
+    if group == new_group:
+        return kernel
+    out_ch, in_per = kernel.shape[:2]
+    ratio = group // new_group
+    out = np.zeros((out_ch, in_per * ratio) + kernel.shape[2:])
+    out_per_group = out_ch // group
+    for o_group in range(group):
+        rows = slice(o_group * out_per_group, (o_group + 1) * out_per_group)
+        col = (o_group % ratio) * in_per
+        out[rows, col:col + in_per] = kernel[rows]
+    return out
+
+
+def common_group(groups: Sequence[int]) -> int:
+    """The largest group count every conv can be rewritten to: gcd of all groups."""
+    return math.gcd(*groups) if groups else 1

@@ -1,0 +1,107 @@
+"""What was fused, what was not and why, and how the result was verified."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class BlockReport:
+    """One candidate block: a sum of branches over one input, or a Conv→BN chain."""
+    output: str                       # the block's output tensor; the fused Conv keeps this name
+    input: str                        # the block's input tensor
+    fused: bool
+    rule: Optional[str]               # the rule that named it (None when no rule accepted it)
+    reason: Optional[str]             # why it was not fused
+    nodes: List[str]                  # names of the nodes the block consists of (or replaced)
+    shape: str = ""                   # e.g. "3x3 conv+bn + 1x1 conv+bn + identity+bn"
+    kernel: Optional[List[int]] = None   # spatial size of the merged kernel
+    error: Optional[float] = None     # verification: max|Δ|/max|ref| of this block's output
+
+    @property
+    def fusable(self) -> bool:
+        """Exact and wanted: what --check counts."""
+        return self.rule is not None and self.reason is None
+
+
+@dataclass
+class Verification:
+    ran: bool
+    passed: bool
+    message: str = ""
+    tolerance: Dict[str, float] = field(default_factory=dict)     # rtol, atol
+    errors: Dict[str, float] = field(default_factory=dict)        # tensor -> max|Δ|/max|ref|
+    inputs: Dict[str, List[int]] = field(default_factory=dict)    # the concrete input shapes used
+
+    @property
+    def worst(self) -> Optional[float]:
+        return max(self.errors.values()) if self.errors else None
+
+
+@dataclass
+class Report:
+    blocks: List[BlockReport] = field(default_factory=list)
+    ops_before: Dict[str, int] = field(default_factory=dict)
+    ops_after: Dict[str, int] = field(default_factory=dict)
+    verification: Optional[Verification] = None
+    notes: List[str] = field(default_factory=list)
+    written: bool = False             # whether a fused model was produced for writing
+
+    @property
+    def fused(self) -> List[BlockReport]:
+        return [b for b in self.blocks if b.fused]
+
+    @property
+    def unfused(self) -> List[BlockReport]:
+        return [b for b in self.blocks if not b.fused]
+
+    def per_rule(self) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for b in self.fused:
+            counts[b.rule] = counts.get(b.rule, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["summary"] = {
+            "fused": len(self.fused),
+            "not_fused": len(self.unfused),
+            "per_rule": self.per_rule(),
+        }
+        return data
+
+    def to_text(self, verbose: bool = False) -> str:
+        lines = []
+        per_rule = self.per_rule()
+        lines.append(f"fused {len(self.fused)} block(s)" + (": " + ", ".join(f"{n} {r}" for r, n in per_rule.items())
+                                                          if per_rule else ""))
+        for b in self.fused if verbose else []:
+            lines.append(f"  fused [{b.rule}] {b.output} <- {b.input}: {b.shape}")
+        if self.unfused:
+            lines.append(f"left {len(self.unfused)} block(s) as they were:")
+            for b in self.unfused:
+                lines.append(f"  {b.output}: {b.reason}")
+        lines.append("ops: " + _op_delta(self.ops_before, self.ops_after))
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        v = self.verification
+        if v is not None:
+            if not v.ran:
+                lines.append(f"verification: not run ({v.message})")
+            else:
+                worst = f"{v.worst:.2e}" if v.worst is not None else "n/a"
+                status = "passed" if v.passed else "FAILED"
+                lines.append(f"verification: {status}, worst max|Δ|/max|ref| = {worst} "
+                             f"(rtol {v.tolerance.get('rtol'):.0e}) over {len(v.errors)} tensor(s)")
+                if not v.passed:
+                    for name, err in sorted(v.errors.items(), key=lambda kv: -kv[1])[:10]:
+                        lines.append(f"  {name}: {err:.3e}")
+        return "\n".join(lines)
+
+
+def _op_delta(before: Dict[str, int], after: Dict[str, int]) -> str:
+    parts = []
+    for op in sorted(set(before) | set(after)):
+        b, a = before.get(op, 0), after.get(op, 0)
+        parts.append(f"{op} {b}" if a == b else f"{op} {b}→{a}")
+    return ", ".join(parts) + f" (nodes {sum(before.values())}→{sum(after.values())})"

@@ -1,0 +1,368 @@
+"""The driver: find candidate blocks, decide, replace each fused block by one Conv.
+
+Before: an Add/Sum tree (or a Conv→BN chain) whose terms are linear in one tensor x.
+After:  Conv(x, W, B) writing the block's original output tensor.
+Conditions: linear.evaluate succeeds (exactness), a rule accepts the block's shape.
+The graph is edited in place, node by node: only the tensors that change are touched,
+untouched weights are never copied, and the fused Conv takes the position of the
+block's last node, so the node order stays topological.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import GraphIndex
+from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate
+from .report import BlockReport
+from .rulebook import Rule, block_shape, first_accepting
+from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Sum, Walker, block_nodes, walk_expr
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+               onnx.TensorProto.DOUBLE: np.float64}
+MAX_PASSES = 8
+
+
+@dataclass
+class Decision:
+    report: BlockReport
+    expr: Expr                       # the part of the graph the decision is about
+    value: Optional[ConvMap] = None  # the fused conv, when fused
+    dtype: Optional[type] = None
+
+
+def op_counts(graph: onnx.GraphProto) -> Dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in graph.node).items()))
+
+
+def static_shapes(model: onnx.ModelProto) -> Dict[str, tuple]:
+    """Tensor name → (dims with None for unknown, numpy dtype), from shape inference on a weightless copy."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(_without_weights(model))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a help, not a requirement
+        inferred = skeleton
+    shapes = {}
+    graph = inferred.graph
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        t = info.type.tensor_type
+        if not info.type.HasField("tensor_type") or t.elem_type == 0:
+            continue
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) \
+            if t.HasField("shape") else None
+        shapes[info.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    for init in model.graph.initializer:
+        shapes[init.name] = (tuple(init.dims), onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    return shapes
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep name, type and shape but no data."""
+    out = onnx.ModelProto()
+    graph = model.graph
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g = out.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    for init in graph.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= 64 and init.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(init)
+        else:
+            stub = g.initializer.add()
+            stub.name, stub.data_type = init.name, init.data_type
+            stub.dims.extend(init.dims)
+    return out
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 0
+
+
+class Fuser:
+    """One pass over one graph."""
+
+    def __init__(self, model: onnx.ModelProto, rules: Sequence[Rule], initializers_as_constants: bool,
+                 external_base: Optional[str]):
+        self.model = model
+        self.graph = model.graph
+        self.rules = rules
+        self.shapes = static_shapes(model)
+        self.index = GraphIndex(self.graph, self.shapes, default_opset(model), initializers_as_constants,
+                                external_base)
+        self.walker = Walker(self.index)
+
+    # ---------------------------------------------------------------- deciding
+
+    def decisions(self) -> List[Decision]:
+        claimed: Set[int] = set()
+        out = []
+        for node in reversed(self.graph.node):
+            if id(node) in claimed or node.op_type not in ROOT_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            if not node.output or not node.output[0]:
+                continue
+            decision = self.decide(self.walker.walk(node.output[0], root=True))
+            if decision is None:
+                continue
+            out.append(decision)
+            nodes = block_nodes(decision.expr) if decision.report.fused else _top_nodes(decision.expr)
+            claimed.update(id(n) for n in nodes)
+        return out
+
+    def decide(self, expr: Expr) -> Optional[Decision]:
+        source = choose_source(expr)
+        if source is None:
+            return None
+        ctx, problem = self.context(expr, source)
+        value, reason = None, problem
+        if problem is None:
+            try:
+                value = evaluate(expr, ctx)
+            except NotExact as exc:
+                reason = str(exc)
+                retry = self._retry_chain(expr, source)
+                if retry is not None:
+                    return retry
+        if reason is None:
+            shape = block_shape(expr, ctx)
+            rule = first_accepting(self.rules, shape)
+            if rule is None:
+                inner = _peel(expr)
+                if inner is not None:
+                    decision = self.decide(inner)
+                    if decision is not None and decision.report.fused:
+                        return decision
+                return self._decision(expr, source, None, f"no enabled rule accepts {shape.describe()}", shape)
+            return self._check_dtype(self._decision(expr, source, rule.name, None, shape, value))
+        shape = _safe_shape(expr, ctx)
+        return self._decision(expr, source, None, reason, shape)
+
+    def _retry_chain(self, expr: Expr, source: str) -> Optional[Decision]:
+        """A Conv→BN chain that is not exact from `source` may be from the outermost conv's input."""
+        if any(isinstance(e, Sum) for e in walk_expr(expr)):
+            return None
+        conv = next((e for e in walk_expr(expr) if isinstance(e, Conv)), None)
+        if conv is None or conv.input.tensor == source or isinstance(conv.input, Leaf):
+            return None
+        decision = self.decide(cut(expr, conv.input.tensor))
+        return decision if decision is not None and decision.report.fused else None
+
+    def context(self, expr: Expr, source: str) -> Tuple[Optional[Context], Optional[str]]:
+        convs = [e for e in walk_expr(expr) if isinstance(e, Conv) and e.weight is not None]
+        if not convs:
+            problem = next(e.problem for e in walk_expr(expr) if isinstance(e, Conv))
+            return None, problem
+        ranks = {c.weight.ndim - 2 for c in convs}
+        if len(ranks) != 1:
+            return None, "branches are convolutions of different spatial ranks"
+        rank = ranks.pop()
+        dims, dtype = self.shapes.get(source, (None, None))
+        if dtype is not None and np.dtype(dtype) not in (np.float32, np.float16, np.float64):
+            return None, f"the block input has dtype {np.dtype(dtype).name}; only float16/32/64 are fused"
+        channels = dims[1] if dims is not None and len(dims) == rank + 2 else None
+        if channels is None:
+            readers = [c for c in convs if isinstance(c.input, Leaf) and c.input.tensor == source]
+            if readers:
+                channels = readers[0].weight.shape[1] * readers[0].group
+        if channels is None:
+            return None, f"the channel count of '{source}' is unknown"
+        spatial = tuple(dims[2:]) if dims is not None and len(dims) == rank + 2 else None
+        return Context(source, channels, rank, spatial), None
+
+    def _decision(self, expr, source, rule, reason, shape, value=None) -> Decision:
+        nodes = block_nodes(expr) if reason is None else _top_nodes(expr) or block_nodes(expr)
+        kernel = list(value.geometry.kernel) if value is not None else None
+        report = BlockReport(output=expr.tensor, input=source, fused=reason is None and rule is not None, rule=rule,
+                             reason=reason, nodes=[n.name for n in nodes],
+                             shape=shape.describe() if shape is not None else "", kernel=kernel)
+        return Decision(report, expr, value)
+
+    def _check_dtype(self, decision: Decision) -> Decision:
+        """Fused weights take the dtype of the block's conv weights; they must fit in it."""
+        convs = [e for e in walk_expr(decision.expr) if isinstance(e, Conv)]
+        dtypes = {np.dtype(c.weight.dtype) for c in convs}
+        reason = None
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float16, np.float64):
+            reason = f"conv weights have dtype(s) {sorted(d.name for d in dtypes)}; one of float16/32/64 is needed"
+        else:
+            dtype = dtypes.pop()
+            limit = np.finfo(dtype).max
+            value = decision.value
+            if not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
+                reason = f"fused weights exceed the {dtype.name} range"
+            decision.dtype = dtype.type
+        if reason:
+            decision.report.fused, decision.report.reason = False, reason
+        return decision
+
+    # ---------------------------------------------------------------- rewriting
+
+    def apply(self, decisions: Sequence[Decision]) -> int:
+        """Replace every fused block by its Conv; returns how many were replaced."""
+        fused = [d for d in decisions if d.report.fused]
+        if not fused:
+            return 0
+        graph = self.graph
+        names = _used_names(graph)
+        replace: Dict[int, onnx.NodeProto] = {}
+        removed: Set[int] = set()
+        dropped_inputs: List[str] = []
+        for d in fused:
+            nodes = block_nodes(d.expr)
+            root = self.index.producer[d.expr.tensor]
+            conv, inits = self._build_conv(d, root, names)
+            graph.initializer.extend(inits)
+            removed.update(id(n) for n in nodes)
+            replace[id(root)] = conv
+            dropped_inputs.extend(i for n in nodes for i in n.input if i)
+            d.report.nodes = [n.name for n in nodes]
+        kept = []
+        for node in graph.node:
+            if id(node) in replace:
+                kept.append(replace[id(node)])
+            elif id(node) not in removed:
+                kept.append(node)
+        _remove_dead(graph, kept, dropped_inputs)
+        return len(fused)
+
+    def _build_conv(self, d: Decision, root: onnx.NodeProto, names: Set[str]):
+        value, dtype = d.value, d.dtype
+        base = root.name or d.expr.tensor
+        node_name = _unique(f"{base}/reparam", names)
+        w_name = _unique(f"{base}/reparam.weight", names)
+        b_name = _unique(f"{base}/reparam.bias", names)
+        g = value.geometry
+        weight = numpy_helper.from_array(value.kernel.astype(dtype), w_name)
+        bias = numpy_helper.from_array(value.bias.astype(dtype), b_name)
+        node = onnx.helper.make_node(
+            "Conv", [d.report.input, w_name, b_name], [d.expr.tensor], name=node_name,
+            kernel_shape=list(g.kernel), strides=list(g.strides), pads=list(g.pads_begin + g.pads_end),
+            dilations=list(g.dilations), group=value.group)
+        return node, [weight, bias]
+
+
+def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
+    """The nodes that make a block a block (its sums and post-ops), not its branches."""
+    out = []
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (Sum, Affine)):
+            out.extend(e.nodes)
+            if isinstance(e, Sum):
+                stack.extend(t for _, t in e.terms if isinstance(t, Sum))
+            else:
+                stack.append(e.input)
+    return out
+
+
+def _peel(expr: Expr) -> Optional[Expr]:
+    """The block without its outermost post-op, when it has one above a sum."""
+    if isinstance(expr, Affine) and any(isinstance(e, Sum) for e in walk_expr(expr)):
+        return expr.input
+    return None
+
+
+def _safe_shape(expr, ctx):
+    if ctx is None:
+        return None
+    try:
+        return block_shape(expr, ctx)
+    except Exception:
+        return None
+
+
+def _used_names(graph: onnx.GraphProto) -> Set[str]:
+    names = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def _unique(name: str, used: Set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{name}_{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _referenced(nodes) -> Set[str]:
+    """Every tensor name the nodes read, subgraphs (If/Loop bodies) included."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in list(attr.g.node if attr.HasField("g") else []) + [n for g in attr.graphs for n in g.node]:
+                names.update(_referenced([sub]))
+    return names
+
+
+def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates: List[str]) -> None:
+    """Drop what only the removed nodes used: parameter initializers and constant subgraphs."""
+    outputs = {o.name for o in graph.output}
+    producer = {o: n for n in kept for o in n.output}
+    live = _referenced(kept)
+    dead_nodes: Set[int] = set()
+    pending = list(candidates)
+    while pending:
+        name = pending.pop()
+        if name in live or name in outputs:
+            continue
+        node = producer.get(name)
+        if node is None or id(node) in dead_nodes:
+            continue
+        if any(o in live or o in outputs for o in node.output if o):
+            continue
+        dead_nodes.add(id(node))
+        pending.extend(i for i in node.input if i)
+    final = [n for n in kept if id(n) not in dead_nodes]
+    live = _referenced(final) | outputs
+    graph_inputs = {i.name for i in graph.input}
+    dead_inits = {name for name in candidates if name not in live and name not in graph_inputs}
+    # Delete by index: rebuilding the list would copy every weight.
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name in dead_inits:
+            del graph.initializer[i]
+    del graph.node[:]
+    graph.node.extend(final)
+    present = {o for n in final for o in n.output} | {i.name for i in graph.input}
+    infos = [v for v in graph.value_info if v.name in present]
+    if len(infos) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(infos)
+
+
+def fuse_graph(model: onnx.ModelProto, rules: Sequence[Rule], initializers_as_constants: bool = False,
+               external_base: Optional[str] = None, write: bool = True) -> List[BlockReport]:
+    """Fuse in place, pass after pass until nothing changes; returns every block decided.
+
+    With write=False the model is analysed only (one pass, nothing replaced).
+    """
+    reports: Dict[str, BlockReport] = {}
+    for _ in range(MAX_PASSES):
+        fuser = Fuser(model, rules, initializers_as_constants, external_base)
+        decisions = fuser.decisions()
+        for d in reversed(decisions):  # graph order
+            reports.pop(d.report.output, None)
+            reports[d.report.output] = d.report
+        if not write or not fuser.apply(decisions):
+            break
+    return list(reports.values())

@@ -1,0 +1,116 @@
+"""onnxruntime equivalence check of the input and the fused model.
+
+Both models run on the same seeded random inputs; every float graph output and every
+fused block's output tensor (the fused Conv keeps the block's output name) is
+compared. The error of a tensor is max|Δ| / max|ref|; it passes when
+max|Δ| ≤ atol + rtol·max|ref|.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+import onnx
+
+from .report import Verification
+
+DEFAULT_RTOL = {np.dtype(np.float16): 1e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-9}
+BATCH = 2        # stands in for a dynamic batch dimension
+SPATIAL = 17     # stands in for other dynamic dimensions: odd on purpose
+
+
+def random_inputs(model: onnx.ModelProto, seed: int) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        t = info.type.tensor_type
+        if not info.type.HasField("tensor_type"):
+            raise ValueError(f"input '{info.name}' is not a tensor")
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (BATCH if i == 0 else SPATIAL)
+                for i, d in enumerate(t.shape.dim)]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[info.name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[info.name] = np.zeros(dims, dtype)
+    return feeds
+
+
+@contextmanager
+def _extra_outputs(model: onnx.ModelProto, names: Iterable[str], types: Dict[str, int]):
+    """Temporarily expose intermediate tensors as graph outputs (the model is restored afterwards)."""
+    present = {o.name for o in model.graph.output}
+    added = [n for n in names if n not in present and n in types]
+    for name in added:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+    try:
+        yield
+    finally:
+        for _ in added:
+            model.graph.output.pop()
+
+
+def _session(model_bytes: bytes):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    # Run the graphs as written: runtime fusions would blur what is being compared.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def run(model: onnx.ModelProto, feeds: Dict[str, np.ndarray], extra: Iterable[str] = (),
+        types: Optional[Dict[str, int]] = None) -> Dict[str, np.ndarray]:
+    with _extra_outputs(model, extra, types or {}):
+        session = _session(model.SerializeToString())
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+
+def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
+    """max|Δ| / max|ref| (max|Δ| when the reference is all zeros)."""
+    ref = np.asarray(reference, np.float64)
+    delta = float(np.max(np.abs(ref - np.asarray(value, np.float64)), initial=0.0))
+    scale = float(np.max(np.abs(ref), initial=0.0))
+    if np.isnan(delta):
+        return float("inf")
+    return delta / scale if scale > 0 else delta
+
+
+def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: Iterable[str],
+            types: Dict[str, int], seed: int = 0, rtol: Optional[float] = None, atol: float = 0.0,
+            inputs: Optional[Dict[str, np.ndarray]] = None) -> Verification:
+    try:
+        feeds = inputs if inputs is not None else random_inputs(original, seed)
+        block_outputs = list(block_outputs)
+        ref = run(original, feeds, block_outputs, types)
+        out = run(fused, feeds, block_outputs, types)
+    except Exception as exc:  # onnxruntime raises many kinds; the message is what matters
+        text = str(exc).strip().splitlines()
+        return Verification(ran=False, passed=False, message=f"onnxruntime could not run the models: "
+                            f"{text[0] if text else type(exc).__name__}")
+    errors, passed, tolerances = {}, True, set()
+    for name, reference in ref.items():
+        value = out.get(name)
+        if value is None or not np.issubdtype(reference.dtype, np.floating):
+            continue  # discrete outputs (ArgMax, TopK indices) flip on rounding; blocks are compared instead
+        tol = rtol if rtol is not None else DEFAULT_RTOL.get(reference.dtype, 1e-5)
+        tolerances.add(tol)
+        if reference.shape != value.shape:
+            errors[name], passed = float("inf"), False
+            continue
+        errors[name] = relative_error(reference, value)
+        passed = passed and _within(reference, value, tol, atol)
+    return Verification(ran=True, passed=passed, tolerance={"rtol": max(tolerances, default=rtol or 1e-5),
+                                                            "atol": atol},
+                        errors=errors, inputs={k: list(v.shape) for k, v in feeds.items()})
+
+
+def _within(reference, value, rtol, atol) -> bool:
+    ref = np.asarray(reference, np.float64)
+    delta = np.max(np.abs(ref - np.asarray(value, np.float64)), initial=0.0)
+    return bool(delta <= atol + rtol * np.max(np.abs(ref), initial=0.0))
