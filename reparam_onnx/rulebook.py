@@ -67,9 +67,12 @@ class Rule:
     post: Tuple[str, ...] = ()
     post_required: bool = False
     groups: str = "any"
+    min_terms: int = 2
     path: str = ""
 
     def accepts(self, shape: "BlockShape") -> bool:
+        if len(shape.terms) < self.min_terms:
+            return False
         if any(p not in self.post for p in shape.post):
             return False
         if self.post_required and not shape.post:
@@ -167,7 +170,7 @@ def block_shape(expr: Expr, ctx: Context) -> BlockShape:
 
 # ---------------------------------------------------------------- loading and validation
 
-_RULE_KEYS = {"name", "summary", "reference", "priority", "terms", "post", "post_required", "groups"}
+_RULE_KEYS = {"name", "summary", "reference", "priority", "terms", "post", "post_required", "groups", "min_terms"}
 _TERM_KEYS = {"kind", "kernel", "size", "count", "bn"}
 
 
@@ -209,6 +212,9 @@ def parse_rule(data: dict, path: str) -> Rule:
     if not isinstance(post_required, bool):
         raise RuleError(f"{path}: post_required must be true or false")
     groups = _choice(data.get("groups", "any"), GROUPS, f"{path}: groups")
+    min_terms = data.get("min_terms", 2)
+    if not isinstance(min_terms, int) or isinstance(min_terms, bool) or min_terms < 1:
+        raise RuleError(f"{path}: min_terms must be a positive integer")
     if not isinstance(data["terms"], list) or not data["terms"]:
         raise RuleError(f"{path}: terms must be a non-empty list of [[terms]] tables")
     patterns = []
@@ -230,7 +236,7 @@ def parse_rule(data: dict, path: str) -> Rule:
             bn=_choice(term.get("bn", "any"), PRESENCE, f"{where}.bn"),
         ))
     return Rule(name, data["summary"], data.get("reference", ""), priority, tuple(patterns),
-                tuple(post), post_required, groups, path)
+                tuple(post), post_required, groups, min_terms, path)
 
 
 def builtin_rules_dir() -> Path:

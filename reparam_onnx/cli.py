@@ -1,0 +1,138 @@
+"""Command line: argument handling and printing only; the work is in api.py.
+
+Exit codes: 0 success, 1 --check found fusable blocks, 2 usage or input error,
+3 verification failed or could not run, 4 internal error (a bug).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from . import __version__, io
+from .api import fuse_with_report
+from .errors import InputError, ReparamError, VerificationError
+
+EXIT_OK, EXIT_CHECK, EXIT_INPUT, EXIT_VERIFY, EXIT_BUG = 0, 1, 2, 3, 4
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"reparam-onnx: error: {' '.join(message.split())}", err=True)
+    return code
+
+
+def _write_report(path: Optional[str], report, error: Optional[str], code: int) -> Optional[str]:
+    if not path:
+        return None
+    data = report.to_dict() if report is not None else {}
+    data.update({"exit_code": code, "error": error, "version": __version__})
+    text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
+    target = Path(path)
+    try:
+        io.write_atomic(target, lambda f: f.write(text.encode("utf-8")))
+    except (InputError, OSError) as exc:
+        return f"cannot write the report: {exc}"
+    return None
+
+
+def _load_inputs(path: Optional[str]):
+    if not path:
+        return None
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read inputs '{path}': {str(exc).splitlines()[0] if str(exc) else exc}") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", type=click.Path(path_type=str), help="Where to write the fused model.")
+@click.option("--check", is_flag=True, help="Analyse only; exit 1 if fusable blocks remain, 0 if none.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison of input and output.")
+@click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
+@click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=str),
+              help="A folder of extra rule files (*.toml); repeatable.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (default 1e-5 float32, 1e-3 float16).")
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance added to rtol·max|ref|.")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=str), help="Verification inputs (.npz by input name).")
+@click.option("--initializers-as-constants", is_flag=True,
+              help="Treat initializers listed as graph inputs as constants (old exports, IR < 4).")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="List every block.")
+@click.version_option(__version__, prog_name="reparam-onnx")
+def command(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, atol, inputs_path,
+            initializers_as_constants, quiet, verbose):
+    """Fuse re-parameterizable blocks of MODEL (ONNX) into single Convs and write them to OUTPUT."""
+    sys.exit(run(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, atol, inputs_path,
+                 initializers_as_constants, quiet, verbose))
+
+
+def run(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, atol, inputs_path,
+        initializers_as_constants, quiet, verbose) -> int:
+    report, error, code = None, None, EXIT_OK
+    try:
+        if not check and not output:
+            raise InputError("missing -o/--output (or use --check)")
+        if output and os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output):
+            raise InputError("the output path is the input path; choose another output")
+        if output and Path(output).is_dir():
+            raise InputError(f"output path '{output}' is a directory")
+        if output and not Path(output).parent.is_dir() and str(Path(output).parent):
+            raise InputError(f"output folder '{Path(output).parent}' does not exist")
+        result = fuse_with_report(model, verify=not no_verify, rules=rule_dirs, seed=seed, rtol=rtol, atol=atol,
+                                  inputs=_load_inputs(inputs_path),
+                                  initializers_as_constants=initializers_as_constants)
+        report = result.report
+        if check:
+            remaining = [b for b in report.blocks if b.fusable]
+            code = EXIT_CHECK if remaining else EXIT_OK
+        elif output:
+            io.save(result.model, output, external=result.external_data)
+        if not quiet:
+            click.echo(report.to_text(verbose=verbose))
+            if check:
+                click.echo(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain")
+            elif output:
+                click.echo(f"wrote {output}")
+    except VerificationError as exc:
+        report, error, code = exc.report, str(exc), EXIT_VERIFY
+        if not quiet and report is not None:
+            click.echo(report.to_text(verbose=verbose))
+    except ReparamError as exc:
+        error, code = str(exc), exc.exit_code
+    except MemoryError:
+        error, code = "out of memory", EXIT_INPUT
+    except Exception as exc:  # a bug: still one line, never a traceback
+        error, code = f"internal error ({type(exc).__name__}: {exc}); please report it", EXIT_BUG
+    problem = _write_report(report_path, report, error, code)
+    if error:
+        _fail(error, code)
+    if problem:
+        code = code or EXIT_INPUT
+        _fail(problem, code)
+    return code
+
+
+def main(argv=None) -> None:
+    try:
+        command.main(args=argv, prog_name="reparam-onnx", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        sys.exit(_fail(f"{exc.format_message()} (see --help)", EXIT_INPUT))
+    except click.exceptions.Abort:
+        sys.exit(_fail("aborted", 130))
+    except SystemExit:
+        raise
+    except Exception as exc:  # pragma: no cover - click internals
+        sys.exit(_fail(f"internal error ({type(exc).__name__}: {exc})", EXIT_BUG))
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

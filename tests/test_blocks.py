@@ -1,0 +1,238 @@
+"""Hand-built blocks of every family fuse to one Conv and stay equivalent, over geometry."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from conftest import Builder, fuse_and_check, repvgg_block
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("group,channels", [(1, 8), (2, 8), (4, 8), (8, 8)])
+@pytest.mark.parametrize("spatial", [(13, 11), (16, 9), (7, 7)])
+def test_repvgg_block(stride, group, channels, spatial):
+    b = Builder(seed=stride * 100 + group)
+    x = b.input([2, channels] + list(spatial))
+    y = b.node("Relu", [repvgg_block(b, x, channels, channels, stride=stride, group=group)])
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "BatchNormalization": 0})
+    (block,) = result.report.fused
+    expected = {1: "repvgg", channels: "repvgg"}.get(group, "yolo_repconv") if group != channels else None
+    if group == channels:
+        assert block.rule in ("mobileone_dw", "repvgg")
+    else:
+        assert block.rule == expected
+
+
+def test_repvgg_channel_change_has_no_identity():
+    b = Builder()
+    x = b.input([1, 4, 9, 13])
+    y = repvgg_block(b, x, 4, 6)
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+    assert result.report.fused[0].rule == "repvgg"
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+@pytest.mark.parametrize("assoc", ["left", "right", "sum"])
+def test_add_tree_order_and_association(order, assoc):
+    b = Builder(seed=sum(order))
+    x = b.input([2, 6, 11, 9])
+    terms = [b.bn(b.conv(x, 6, 6, (3, 3), pads=(1, 1, 1, 1), bias=False), 6),
+             b.bn(b.conv(x, 6, 6, (1, 1), bias=True), 6),
+             b.bn(x, 6)]
+    t = [terms[i] for i in order]
+    if assoc == "left":
+        y = b.add(b.add(t[0], t[1]), t[2])
+    elif assoc == "right":
+        y = b.node("Add", [t[0], b.node("Add", [t[1], t[2]])])
+    else:
+        y = b.node("Sum", t)
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "Sum": 0})
+
+
+def test_add_zero_placeholder_and_identity_nodes():
+    """Add(x, 0) leftovers of a Python `0` and Identity nodes are looked through."""
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    zero = b.const(np.zeros((), np.float32), "zero")
+    a = b.node("Add", [b.node("Identity", [b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)]), zero])
+    c = b.node("Identity", [b.bn(b.conv(x, 4, 4, (1, 1)), 4)])
+    y = b.add(a, c, b.node("Identity", [x]))
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "Identity": 0})
+
+
+def test_trivial_reparam_conv_plus_x():
+    """RepVGG ablation: conv + x (identity without BN) fuses."""
+    b = Builder()
+    x = b.input([2, 5, 8, 11])
+    y = b.add(b.conv(x, 5, 5, (3, 3), pads=(1, 1, 1, 1)), x)
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+
+
+def test_sub_of_branches():
+    b = Builder()
+    x = b.input([1, 4, 9, 9])
+    y = b.node("Sub", [b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), b.bn(x, 4)])
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Sub": 0})
+    assert result.report.fused
+
+
+@pytest.mark.parametrize("pads3,pads1,stride,spatial", [
+    ((1, 1, 1, 1), (0, 0, 0, 0), 1, (13, 11)),
+    ((0, 0, 1, 1), (0, 0, 0, 0), 2, (14, 12)),    # TF SAME, stride 2, even input: the 1×1 tap is top-left
+    ((1, 1, 1, 1), (0, 0, 0, 0), 2, (13, 11)),    # odd input, stride 2
+    ((1, 0, 1, 2), (0, 0, 0, 0), 1, (10, 9)),     # asymmetric 3×3: the 1×1 tap at (1, 0)
+    ((2, 1, 0, 1), (1, 0, 0, 0), 2, (9, 12)),     # stride 2: 1×1 tap at offset (1, 1)
+])
+def test_tap_alignment_explicit_pads(pads3, pads1, stride, spatial):
+    b = Builder(seed=7)
+    x = b.input([1, 4] + list(spatial))
+    a = b.bn(b.conv(x, 4, 6, (3, 3), (stride, stride), pads3), 6)
+    c = b.bn(b.conv(x, 4, 6, (1, 1), (stride, stride), pads1), 6)
+    y = b.add(a, c)
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize("stride,spatial", [(1, (9, 8)), (2, (14, 11)), (2, (13, 16))])
+def test_auto_pad_same_static(auto_pad, stride, spatial):
+    b = Builder(seed=3)
+    x = b.input([1, 4] + list(spatial))
+    a = b.bn(b.conv(x, 4, 4, (3, 3), (stride, stride), auto_pad=auto_pad), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1), (stride, stride), auto_pad=auto_pad), 4)
+    y = b.add(a, c)
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+
+
+def test_acb_asymmetric_branches():
+    b = Builder(seed=11)
+    x = b.input([2, 6, 11, 13])
+    y = b.add(b.bn(b.conv(x, 6, 6, (3, 3), pads=(1, 1, 1, 1), bias=False), 6),
+              b.bn(b.conv(x, 6, 6, (1, 3), pads=(0, 1, 0, 1), bias=False), 6),
+              b.bn(b.conv(x, 6, 6, (3, 1), pads=(1, 0, 1, 0), bias=False), 6))
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+    assert result.report.fused[0].rule == "acb"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_acb_stride(stride):
+    b = Builder(seed=12)
+    x = b.input([1, 4, 15, 10])
+    y = b.add(b.bn(b.conv(x, 4, 8, (3, 3), (stride, stride), (1, 1, 1, 1)), 8),
+              b.bn(b.conv(x, 4, 8, (1, 3), (stride, stride), (0, 1, 0, 1)), 8),
+              b.bn(b.conv(x, 4, 8, (3, 1), (stride, stride), (1, 0, 1, 0)), 8))
+    assert fuse_and_check(b.model(y), {"Conv": 1}).report.fused[0].rule == "acb"
+
+
+def test_mobileone_depthwise_and_pointwise():
+    b = Builder(seed=5)
+    c = 8
+    x = b.input([2, c, 13, 11])
+    dw = b.add(*[b.bn(b.conv(x, c, c, (3, 3), pads=(1, 1, 1, 1), group=c, bias=False), c) for _ in range(3)],
+               b.bn(b.conv(x, c, c, (1, 1), group=c, bias=False), c), b.bn(x, c))
+    h = b.node("Relu", [dw])
+    pw = b.add(*[b.bn(b.conv(h, c, c, (1, 1), bias=False), c) for _ in range(3)], b.bn(h, c))
+    y = b.node("Relu", [pw])
+    result = fuse_and_check(b.model(y), {"Conv": 2, "Add": 0, "BatchNormalization": 0})
+    assert sorted(bl.rule for bl in result.report.fused) == ["mobileone_dw", "mobileone_pw"]
+
+
+@pytest.mark.parametrize("large,small", [(13, 3), (7, 5), (9, 3)])
+def test_replknet_large_and_small_depthwise(large, small):
+    b = Builder(seed=large)
+    c = 6
+    x = b.input([1, c, 17, 15])
+    y = b.add(b.bn(b.conv(x, c, c, (large, large), pads=(large // 2,) * 4, group=c, bias=False), c),
+              b.bn(b.conv(x, c, c, (small, small), pads=(small // 2,) * 4, group=c, bias=False), c))
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+    assert result.report.fused[0].rule == "replknet"
+    assert result.report.fused[0].kernel == [large, large]
+
+
+def test_dilated_small_kernel_is_expanded():
+    """UniRepLKNet-style: a dilated 3×3 beside a 7×7 becomes a 5×5 with holes inside the 7×7."""
+    b = Builder(seed=21)
+    c = 4
+    x = b.input([1, c, 15, 13])
+    y = b.add(b.bn(b.conv(x, c, c, (7, 7), pads=(3,) * 4, group=c), c),
+              b.bn(b.conv(x, c, c, (3, 3), pads=(2,) * 4, dilations=(2, 2), group=c), c))
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+    assert result.report.fused[0].kernel == [7, 7]
+
+
+def test_equal_dilation_branches_keep_dilation():
+    b = Builder(seed=22)
+    x = b.input([1, 4, 16, 15])
+    y = b.add(b.conv(x, 4, 4, (3, 3), pads=(2,) * 4, dilations=(2, 2)), b.conv(x, 4, 4, (1, 1)), x)
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+    assert result.report.fused[0].kernel == [3, 3]
+
+
+def test_qarepvgg_bn_after_sum():
+    b = Builder(seed=9)
+    c = 6
+    x = b.input([2, c, 11, 13])
+    s = b.add(b.bn(b.conv(x, c, c, (3, 3), pads=(1, 1, 1, 1), bias=False), c), b.conv(x, c, c, (1, 1), bias=False), x)
+    y = b.node("Relu", [b.bn(s, c)])
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "BatchNormalization": 0})
+    assert result.report.fused[0].rule == "qarepvgg"
+
+
+@pytest.mark.parametrize("stride,pads", [(1, (1, 1, 1, 1)), (2, (0, 1, 1, 0))])
+def test_conv_bn_chain(stride, pads):
+    b = Builder(seed=4)
+    x = b.input([2, 3, 13, 12])
+    y = b.node("Relu", [b.bn(b.conv(x, 3, 8, (3, 3), (stride, stride), pads), 8)])
+    result = fuse_and_check(b.model(y), {"Conv": 1, "BatchNormalization": 0})
+    assert result.report.fused[0].rule == "conv_bn"
+
+
+def test_conv_per_channel_mul_add_chain():
+    """BN exported as Mul + Add with [1, C, 1, 1] constants folds like BN."""
+    b = Builder(seed=6)
+    x = b.input([1, 4, 9, 9])
+    c = b.conv(x, 4, 5, (3, 3), pads=(1, 1, 1, 1))
+    y = b.node("Add", [b.node("Mul", [c, b.const(np.random.default_rng(0).uniform(.5, 2, (1, 5, 1, 1)))]),
+                       b.const(np.random.default_rng(1).normal(0, 1, (5, 1, 1)))])
+    fuse_and_check(b.model(y), {"Conv": 1, "Mul": 0, "Add": 0})
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_other_spatial_ranks(rank):
+    b = Builder(seed=rank)
+    c = 4
+    spatial = [11, 9, 7][:rank]
+    x = b.input([2, c] + spatial)
+    k3, k1 = (3,) * rank, (1,) * rank
+    y = b.add(b.bn(b.conv(x, c, c, k3, pads=(1,) * 2 * rank), c), b.bn(b.conv(x, c, c, k1, pads=(0,) * 2 * rank), c),
+              b.bn(x, c))
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_other_dtypes(dtype):
+    b = Builder(seed=2, dtype=dtype)
+    x = b.input([1, 4, 9, 11])
+    y = repvgg_block(b, x, 4, 4)
+    result = fuse_and_check(b.model(y), {"Conv": 1, "Add": 0})
+    (init,) = [t for t in result.model.graph.initializer if t.name.endswith("reparam.weight")]
+    assert helper.tensor_dtype_to_np_dtype(init.data_type) == np.dtype(dtype)
+
+
+def test_opset_11_batchnorm_without_training_mode():
+    b = Builder(seed=8, opset=11)
+    x = b.input([1, 4, 9, 9])
+    fuse_and_check(b.model(repvgg_block(b, x, 4, 4)), {"Conv": 1, "BatchNormalization": 0})
+
+
+def test_stacked_blocks_all_fuse():
+    b = Builder(seed=13)
+    x = b.input(["N", 4, 17, 15])
+    h = x
+    for stride, (ci, co) in zip([2, 1, 1, 2], [(4, 8), (8, 8), (8, 8), (8, 16)]):
+        h = b.node("Relu", [repvgg_block(b, h, ci, co, stride=stride)])
+    result = fuse_and_check(b.model(h), {"Conv": 4, "Add": 0, "BatchNormalization": 0, "Relu": 4})
+    assert len(result.report.fused) == 4
+    assert result.report.verification.passed
