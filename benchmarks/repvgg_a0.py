@@ -215,11 +215,14 @@ def main(argv=None):
 
     if bool(args.train_onnx) != bool(args.native_onnx):
         ap.error("--train-onnx and --native-onnx go together")
-    out_dir = args.out or tempfile.mkdtemp(prefix="repvgg_a0_bench_")
-    if inside_repo(out_dir):
+    if args.out and inside_repo(args.out):
         ap.error("--out must not be inside the repository")
-    os.makedirs(out_dir, exist_ok=True)
-    print(f"output folder: {out_dir}")
+    needs_out = not args.train_onnx or not (args.fused_onnx or args.no_fuse)
+    out_dir = None
+    if needs_out:
+        out_dir = args.out or tempfile.mkdtemp(prefix="repvgg_a0_bench_")
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"output folder: {out_dir}")
 
     if args.train_onnx:
         train_path, native_path = args.train_onnx, args.native_onnx

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
-from .terms import Affine, Conv, Expr, Leaf, Sum, walk_expr
+from .terms import Affine, Conv, Expr, Leaf, Shared, Sum, walk_expr
 
 
 class NotExact(Exception):
@@ -50,29 +50,58 @@ class Context:
     spatial: Optional[Sequence[Optional[int]]]   # static spatial size of the block input, None per unknown axis
 
 
-def choose_source(expr: Expr) -> Optional[str]:
-    """The leaf most terms reach through a Conv: the block input, or None when there is no block.
+def top_terms(expr: Expr) -> Tuple[List[Expr], bool]:
+    """The terms of the block's sum (nested sums flattened) and whether there is a sum at all."""
+    core = expr
+    while isinstance(core, Affine):
+        core = core.input
+    if not isinstance(core, Sum):
+        return [expr], False
+    def flatten(s: Sum) -> List[Expr]:
+        return [x for _, t in s.terms for x in (flatten(t) if isinstance(t, Sum) else [t])]
+    return flatten(core), True
 
-    A block needs a Conv over its input, and either two terms reaching that input
-    (a sum of branches) or an affine op after the conv (a Conv→BN chain).
+
+def _reachable(term: Expr) -> Dict[str, Tuple[int, bool]]:
+    """Tensors where the walk stopped or was shared below `term`: name → (depth, below a Conv)."""
+    found: Dict[str, Tuple[int, bool]] = {}
+    stack = [(term, 0, False)]
+    seen = set()
+    while stack:
+        e, depth, below_conv = stack.pop()
+        if (id(e), below_conv) in seen:
+            continue
+        seen.add((id(e), below_conv))
+        if isinstance(e, (Leaf, Shared)):
+            d, c = found.get(e.tensor, (depth, False))
+            found[e.tensor] = (min(d, depth), c or below_conv)
+        below = below_conv or isinstance(e, Conv)
+        stack.extend((child, depth + 1, below) for child in e.children())
+    return found
+
+
+def choose_source(expr: Expr) -> Optional[str]:
+    """The block input: the tensor most terms reach, through a Conv, nearest the output; or None.
+
+    A block needs a Conv over its input, and either two terms of a sum reaching that
+    input or an affine op after the conv (a Conv→BN chain).
     """
-    leaves = [e for e in walk_expr(expr) if isinstance(e, Leaf)]
-    counts = Counter(leaf.tensor for leaf in leaves)
-    through_conv = {leaf.tensor for conv in walk_expr(expr) if isinstance(conv, Conv)
-                    for leaf in walk_expr(conv) if isinstance(leaf, Leaf)}
-    best = None
-    for leaf in leaves:
-        tensor = leaf.tensor
-        if tensor in through_conv and (best is None or counts[tensor] > counts[best]):
-            best = tensor
-    if best is None:
+    terms, has_sum = top_terms(expr)
+    count: Dict[str, int] = {}
+    depth: Dict[str, int] = {}
+    through_conv = set()
+    for term in terms:
+        for tensor, (d, below_conv) in _reachable(term).items():
+            count[tensor] = count.get(tensor, 0) + 1
+            depth[tensor] = max(depth.get(tensor, 0), d)
+            if below_conv:
+                through_conv.add(tensor)
+    if not through_conv:
         return None
-    has_sum = any(isinstance(e, Sum) for e in walk_expr(expr))
-    if counts[best] >= 2 and has_sum:
-        return best
-    if not has_sum and isinstance(expr, Affine) and any(isinstance(e, Conv) for e in walk_expr(expr)):
-        return best
-    return None
+    best = min(through_conv, key=lambda t: (-count[t], depth[t], t))
+    if has_sum:
+        return best if count[best] >= 2 else None
+    return best if isinstance(expr, Affine) else None
 
 
 def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool) -> np.ndarray:
@@ -95,10 +124,12 @@ def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool) 
 
 def evaluate(expr: Expr, ctx: Context):
     """The Diag or ConvMap that `expr` computes from ctx.source."""
-    if isinstance(expr, Leaf):
-        if expr.tensor != ctx.source:
-            raise NotExact(f"a branch does not reach the block input: {expr.reason}")
-        return Diag(np.ones(ctx.channels), np.zeros(ctx.channels))
+    if isinstance(expr, (Leaf, Shared)):
+        if expr.tensor == ctx.source:
+            return Diag(np.ones(ctx.channels), np.zeros(ctx.channels))
+        if isinstance(expr, Shared):
+            raise NotExact(f"a tensor inside the block is used elsewhere: {expr.reason}")
+        raise NotExact(f"a branch does not reach the block input: {expr.reason}")
     if isinstance(expr, Affine):
         return _evaluate_affine(expr, ctx)
     if isinstance(expr, Conv):
@@ -189,7 +220,7 @@ def _evaluate_sum(expr: Sum, ctx: Context):
 
 def cut(expr: Expr, tensor: str) -> Expr:
     """The tree with the sub-expression that computes `tensor` replaced by a Leaf."""
-    if expr.tensor == tensor and not isinstance(expr, Leaf):
+    if expr.tensor == tensor and not isinstance(expr, (Leaf, Shared)):
         return Leaf(tensor, reason="")
     if isinstance(expr, Affine):
         return Affine(expr.tensor, expr.nodes, input=cut(expr.input, tensor), scale=expr.scale, shift=expr.shift,
@@ -199,4 +230,6 @@ def cut(expr: Expr, tensor: str) -> Expr:
                     attrs=expr.attrs, problem=expr.problem)
     if isinstance(expr, Sum):
         return Sum(expr.tensor, expr.nodes, terms=[(s, cut(t, tensor)) for s, t in expr.terms])
+    if isinstance(expr, Shared):
+        return Shared(expr.tensor, expr.nodes, input=cut(expr.input, tensor), reason=expr.reason)
     return expr

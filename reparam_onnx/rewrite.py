@@ -21,7 +21,7 @@ from .graph import GraphIndex
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
-from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Sum, Walker, block_nodes, walk_expr
+from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Shared, Sum, Walker, block_nodes, walk_expr
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                onnx.TensorProto.DOUBLE: np.float64}
@@ -156,7 +156,7 @@ class Fuser:
         if any(isinstance(e, Sum) for e in walk_expr(expr)):
             return None
         conv = next((e for e in walk_expr(expr) if isinstance(e, Conv)), None)
-        if conv is None or conv.input.tensor == source or isinstance(conv.input, Leaf):
+        if conv is None or conv.input.tensor == source or isinstance(conv.input, (Leaf, Shared)):
             return None
         decision = self.decide(cut(expr, conv.input.tensor))
         return decision if decision is not None and decision.report.fused else None
@@ -175,7 +175,7 @@ class Fuser:
             return None, f"the block input has dtype {np.dtype(dtype).name}; only float16/32/64 are fused"
         channels = dims[1] if dims is not None and len(dims) == rank + 2 else None
         if channels is None:
-            readers = [c for c in convs if isinstance(c.input, Leaf) and c.input.tensor == source]
+            readers = [c for c in convs if c.input.tensor == source]
             if readers:
                 channels = readers[0].weight.shape[1] * readers[0].group
         if channels is None:

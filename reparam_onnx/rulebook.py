@@ -17,7 +17,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .linear import Context
-from .terms import Affine, Conv, Expr, Leaf, Sum
+from .linear import top_terms
+from .terms import Affine, Conv, Expr, Leaf, Shared, Sum
 
 TERM_KINDS = ("conv", "identity")
 KERNELS = ("any", "1x1", "square", "1xk", "kx1")
@@ -135,37 +136,27 @@ def _strip_affine(expr: Expr):
 
 def _term_shape(expr: Expr, ctx: Context) -> TermShape:
     kinds, core = _strip_affine(expr)
-    if isinstance(core, Leaf):
+    if isinstance(core, (Leaf, Shared)) and core.tensor == ctx.source:
         return TermShape("identity", bn=bool(kinds))
     if isinstance(core, Conv) and core.weight is not None:
         _, below = _strip_affine(core.input)
-        kind = "conv" if isinstance(below, Leaf) else "conv_chain"
+        kind = "conv" if isinstance(below, (Leaf, Shared)) and below.tensor == ctx.source else "conv_chain"
         return TermShape(kind, tuple(core.weight.shape[2:]), core.group, bn=bool(kinds))
     return TermShape(type(core).__name__.lower())
 
 
-def _flatten(expr: Sum) -> List[Expr]:
-    out = []
-    for _, term in expr.terms:
-        out.extend(_flatten(term) if isinstance(term, Sum) else [term])
-    return out
-
-
 def block_shape(expr: Expr, ctx: Context) -> BlockShape:
-    post, core = _strip_affine(expr)
-    if isinstance(core, Sum):
-        terms = tuple(_term_shape(t, ctx) for t in _flatten(core))
-        post = tuple(reversed(post))
-    else:
-        terms, post = (_term_shape(expr, ctx),), ()
-    groups = {t.group for t in terms if t.kind == "conv"}
+    terms, has_sum = top_terms(expr)
+    shapes = tuple(_term_shape(t, ctx) for t in terms)
+    post = tuple(reversed(_strip_affine(expr)[0])) if has_sum else ()
+    groups = {t.group for t in shapes if t.kind == "conv"}
     if groups == {1}:
         kind = "1"
     elif groups == {ctx.channels}:
         kind = "depthwise"
     else:
         kind = "grouped"
-    return BlockShape(terms, tuple(post), kind)
+    return BlockShape(shapes, post, kind)
 
 
 # ---------------------------------------------------------------- loading and validation

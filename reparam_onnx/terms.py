@@ -39,6 +39,16 @@ class Leaf(Expr):
 
 
 @dataclass
+class Shared(Expr):
+    """A tensor with other consumers (or a graph output): it can be the block input, never inside it."""
+    input: Expr = None
+    reason: str = ""
+
+    def children(self):
+        return [self.input]
+
+
+@dataclass
 class Affine(Expr):
     """y = scale·x + shift with constant, broadcastable scale and shift (None = 1 and 0)."""
     input: Expr = None
@@ -76,28 +86,54 @@ class Sum(Expr):
         return [t for _, t in self.terms]
 
 
-def walk_expr(expr: Expr) -> Iterator[Expr]:
-    """Every expression of the tree, parents before children."""
-    yield expr
-    for child in expr.children():
-        yield from walk_expr(child)
+def walk_expr(expr: Expr, below_shared: bool = True) -> Iterator[Expr]:
+    """Every expression of the tree once, parents before children."""
+    seen = set()
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        if below_shared or not isinstance(e, Shared):
+            stack.extend(reversed(e.children()))
 
 
 def block_nodes(expr: Expr) -> List[onnx.NodeProto]:
-    return [n for e in walk_expr(expr) for n in e.nodes]
+    """The ONNX nodes of a block, each once (shared tensors are the block's input, not part of it)."""
+    out, seen = [], set()
+    for e in walk_expr(expr, below_shared=False):
+        for n in e.nodes:
+            if id(n) not in seen:
+                seen.add(id(n))
+                out.append(n)
+    return out
 
 
 class Walker:
     def __init__(self, index: GraphIndex):
         self.index = index
+        self._memo: Dict[tuple, Expr] = {}
+        self._shared = False
 
-    def walk(self, tensor: str, root: bool = False, depth: int = 0) -> Expr:
+    def walk(self, tensor: str, root: bool = False, depth: int = 0, shared: bool = False) -> Expr:
+        """The expression computing `tensor`. Memoized: a sub-expression may appear in several places."""
+        key = (tensor, root, shared)
+        if key not in self._memo:
+            self._memo[key] = self._walk(tensor, root, depth, shared)
+        return self._memo[key]
+
+    def _walk(self, tensor: str, root: bool, depth: int, shared: bool) -> Expr:
         index = self.index
         if not root:
-            if tensor in index.outputs:
-                return Leaf(tensor, reason=f"'{tensor}' is a graph output")
-            if index.fan_out(tensor) > 1:
-                return Leaf(tensor, reason=f"'{tensor}' has {index.fan_out(tensor)} consumers")
+            consumers = index.fan_out(tensor)
+            if tensor in index.outputs or consumers > 1:
+                reason = f"'{tensor}' is a graph output" if tensor in index.outputs else \
+                    f"'{tensor}' has {consumers} consumers"
+                if shared:  # walk through one shared tensor only: enough to find the block input
+                    return Leaf(tensor, reason=reason)
+                return Shared(tensor, input=self._walk(tensor, True, depth, True), reason=reason)
         node = index.producer.get(tensor)
         if node is None:
             return Leaf(tensor, reason=f"'{tensor}' is a graph input")
@@ -106,10 +142,18 @@ class Walker:
         if node.domain not in ("", "ai.onnx"):
             return Leaf(tensor, reason=f"{node.domain}.{node.op_type} '{node.name}' is not a known linear op")
         handler = HANDLERS.get(node.op_type)
-        expr = handler(self, node, tensor, depth) if handler else None
+        outer, self._shared = self._shared, shared
+        try:
+            expr = handler(self, node, tensor, depth) if handler else None
+        finally:
+            self._shared = outer
         if expr is None:
             return Leaf(tensor, reason=f"{node.op_type} '{node.name}' is not linear")
         return expr
+
+    def input(self, tensor: str, depth: int) -> Expr:
+        """Walk to an input of the node being handled."""
+        return self.walk(tensor, depth=depth + 1, shared=self._shared)
 
     def const(self, name: str) -> Optional[np.ndarray]:
         if not name:
@@ -121,13 +165,7 @@ Handler = Callable[[Walker, onnx.NodeProto, str, int], Optional[Expr]]
 
 
 def _identity(w: Walker, node, tensor, depth):
-    expr = w.walk(node.input[0], depth=depth + 1)
-    if isinstance(expr, Leaf):
-        # An Identity right after the block input belongs to the block.
-        return Affine(tensor, [node], input=expr, kind="noop")
-    expr.nodes.append(node)
-    expr.tensor = tensor
-    return expr
+    return Affine(tensor, [node], input=w.input(node.input[0], depth), kind="noop")
 
 
 def _batchnorm(w: Walker, node, tensor, depth):
@@ -148,7 +186,7 @@ def _batchnorm(w: Walker, node, tensor, depth):
         from .kernels import bn_affine
         gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
         scale, shift = bn_affine(gamma, beta, mean, var, attrs.get("epsilon", 1e-5))
-    return Affine(tensor, [node], input=w.walk(node.input[0], depth=depth + 1), scale=scale, shift=shift,
+    return Affine(tensor, [node], input=w.input(node.input[0], depth), scale=scale, shift=shift,
                   kind="batchnorm", problem=problem, on_channels=True)
 
 
@@ -159,7 +197,7 @@ def _binary(w: Walker, node, tensor, depth):
     if ca is None and cb is None:
         if op in ("Add", "Sub"):
             sign = -1.0 if op == "Sub" else 1.0
-            return Sum(tensor, [node], terms=[(1.0, w.walk(a, depth=depth + 1)), (sign, w.walk(b, depth=depth + 1))])
+            return Sum(tensor, [node], terms=[(1.0, w.input(a, depth)), (sign, w.input(b, depth))])
         return None
     if ca is not None and cb is not None:
         return None  # a constant; not a block
@@ -181,12 +219,12 @@ def _binary(w: Walker, node, tensor, depth):
     else:
         return None
     noop = (scale is None or np.all(scale == 1)) and (shift is None or np.all(shift == 0))
-    return Affine(tensor, [node], input=w.walk(x, depth=depth + 1), scale=scale, shift=shift,
+    return Affine(tensor, [node], input=w.input(x, depth), scale=scale, shift=shift,
                   kind="noop" if noop else "affine")
 
 
 def _neg(w: Walker, node, tensor, depth):
-    return Affine(tensor, [node], input=w.walk(node.input[0], depth=depth + 1), scale=np.array(-1.0), kind="affine")
+    return Affine(tensor, [node], input=w.input(node.input[0], depth), scale=np.array(-1.0), kind="affine")
 
 
 def _sum(w: Walker, node, tensor, depth):
@@ -194,7 +232,7 @@ def _sum(w: Walker, node, tensor, depth):
     variable = [i for i, c in zip(node.input, consts) if c is None]
     if not variable:
         return None
-    expr = Sum(tensor, [node], terms=[(1.0, w.walk(i, depth=depth + 1)) for i in variable])
+    expr = Sum(tensor, [node], terms=[(1.0, w.input(i, depth)) for i in variable])
     fixed = [c.astype(np.float64) for c in consts if c is not None]
     if fixed:
         if len(variable) == 1:
@@ -216,7 +254,7 @@ def _conv(w: Walker, node, tensor, depth):
             bias = w.index.value(node.input[2])
         except NotConstant as exc:
             problem = f"Conv '{node.name}' bias {exc}"
-    return Conv(tensor, [node], input=w.walk(node.input[0], depth=depth + 1), weight=weight, bias=bias,
+    return Conv(tensor, [node], input=w.input(node.input[0], depth), weight=weight, bias=bias,
                 attrs=attributes(node), problem=problem)
 
 

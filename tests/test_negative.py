@@ -1,0 +1,172 @@
+"""Blocks that cannot be fused exactly stay as they were, and the report says why."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from conftest import Builder, assert_equivalent, assert_untouched, fuse_and_check, op_counts, repvgg_block
+from reparam_onnx import fuse_with_report
+
+
+def test_different_strides():
+    """A 1×5 at stride 1 and a 1×1 at stride 2 both give width 5 from width 9, yet read different taps."""
+    b = Builder()
+    x = b.input([1, 4, 3, 9])
+    a = b.bn(b.conv(x, 4, 4, (1, 5), (1, 1), (0, 0, 0, 0)), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1), (1, 2), (0, 0, 0, 0)), 4)
+    assert_untouched(b.model(b.add(a, c)), "different strides", identical=False)
+
+
+def test_misaligned_one_by_one():
+    """A 1×1 with padding 1 beside a 3×3 with padding 1: on a height of 1 the outputs broadcast
+    (1 row and 3 rows), so the model runs, but the 1×1 reads a different grid."""
+    b = Builder()
+    x = b.input([1, 4, 1, 7])
+    a = b.bn(b.conv(x, 4, 4, (3, 3), (1, 1), (1, 1, 1, 1)), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1), (1, 1), (1, 0, 1, 0)), 4)
+    assert_untouched(b.model(b.add(a, c)), "different output sizes", identical=False)
+
+
+def test_misaligned_by_half_a_dilation():
+    b = Builder()
+    x = b.input([1, 4, 11, 11])
+    a = b.conv(x, 4, 4, (3, 3), pads=(2, 2, 2, 2), dilations=(2, 2))
+    c = b.conv(x, 4, 4, (3, 3), pads=(1, 1, 3, 3), dilations=(2, 2))
+    assert_untouched(b.model(b.add(a, c)), "misaligned")
+
+
+def test_relu_inside_a_branch():
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    a = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    c = b.node("Relu", [b.bn(b.conv(x, 4, 4, (1, 1)), 4)])
+    model = b.model(b.add(a, c, b.bn(x, 4)))
+    result = assert_untouched(model, "Relu", identical=False)
+    assert op_counts(result.model)["Add"] == 2
+    assert_equivalent(model, result.model)
+
+
+def test_branch_tensor_is_a_graph_output():
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    a = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1)), 4)
+    y = b.add(a, c, x)
+    b.output(c)
+    model = b.model(y)
+    result = assert_untouched(model, "graph output", identical=False)
+    assert op_counts(result.model)["Add"] == 2
+
+
+def test_branch_tensor_with_a_second_consumer():
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    a = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1)), 4)
+    y = b.add(a, c)
+    z = b.node("Sigmoid", [c])
+    model = b.model(y, z)
+    result = assert_untouched(model, "2 consumers", identical=False)
+    assert op_counts(result.model)["Add"] == 1
+
+
+def test_weight_is_a_graph_input():
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    y = repvgg_block(b, x, 4, 4)
+    model = b.model(y)
+    w = model.graph.initializer[0]
+    model.graph.input.append(helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)))
+    assert_untouched(model, "graph input", identical=False)
+    fuse_and_check(model, {"Conv": 1, "Add": 0}, initializers_as_constants=True)
+
+
+def test_batchnorm_in_training_mode():
+    b = Builder(opset=15)
+    x = b.input([1, 4, 9, 7])
+    a = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1)), 4, training_mode=1)
+    model = b.model(b.add(a, c))
+    result = fuse_with_report(model, verify=False)
+    reasons = [bl.reason for bl in result.report.blocks if not bl.fused]
+    assert any("training mode" in r for r in reasons), reasons
+    assert op_counts(result.model)["Add"] == 1
+
+
+def test_bn_before_padded_conv_is_not_folded():
+    """A shift before zero padding differs at the borders: only the Conv→BN after it is folded."""
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    h = b.bn(b.node("Relu", [x]), 4)
+    y = b.bn(b.conv(h, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    result = fuse_and_check(b.model(y), {"Conv": 1, "BatchNormalization": 1})
+    assert [bl.input for bl in result.report.fused] == [h]
+
+
+def test_bn_before_unpadded_conv_is_folded():
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    h = b.bn(b.node("Relu", [x]), 4)
+    y = b.bn(b.conv(h, 4, 6, (3, 3)), 6)
+    fuse_and_check(b.model(y), {"Conv": 1, "BatchNormalization": 0})
+
+
+def test_same_pads_stride_2_dynamic_spatial():
+    b = Builder()
+    x = b.input([1, 4, "H", "W"])
+    a = b.bn(b.conv(x, 4, 4, (3, 3), (2, 2), auto_pad="SAME_UPPER"), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1), (2, 2), auto_pad="SAME_UPPER"), 4)
+    model = b.model(b.add(a, c))
+    result = fuse_with_report(model, verify=False)
+    reasons = [bl.reason for bl in result.report.blocks if not bl.fused]
+    assert any("static spatial input size" in r for r in reasons), reasons
+    assert op_counts(result.model)["Add"] == 1
+
+
+def test_resnet_residual_is_not_a_candidate():
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    r = b.node("Relu", [x])
+    h = b.bn(b.conv(b.node("Relu", [b.bn(b.conv(r, 4, 4, (3, 3), pads=(1,) * 4), 4)]), 4, 4, (3, 3), pads=(1,) * 4), 4)
+    y = b.add(h, r)
+    result = fuse_with_report(b.model(y))
+    assert all(bl.rule == "conv_bn" for bl in result.report.blocks)
+    assert op_counts(result.model)["Add"] == 1
+
+
+def test_spatially_varying_constant_is_not_per_channel():
+    b = Builder()
+    x = b.input([1, 4, 5, 5])
+    c = b.conv(x, 4, 4, (3, 3), pads=(1,) * 4)
+    y = b.node("Mul", [c, b.const(np.random.default_rng(0).normal(size=(5,)))])   # broadcasts on W
+    assert_untouched(b.model(y), "not per-channel")
+
+
+def test_no_rule_accepts():
+    """Exact but unwanted: two 1×1 convs with groups > 1 and no rule naming them."""
+    b = Builder()
+    x = b.input([1, 4, 5, 5])
+    y = b.add(b.conv(x, 4, 4, (1, 1), group=2), b.conv(x, 4, 4, (1, 1), group=2))
+    assert_untouched(b.model(y), "no enabled rule accepts")
+
+
+def test_weights_too_large_for_float16():
+    b = Builder(dtype=np.float16)
+    x = b.input([1, 2, 5, 5])
+    a = b.conv(x, 2, 2, (3, 3), pads=(1,) * 4, scale=1.0)
+    y = b.bn(b.add(a, b.conv(x, 2, 2, (1, 1)), x), 2)
+    model = b.model(y)
+    var = next(t for t in model.graph.initializer if t.name.startswith("var"))
+    var.CopyFrom(onnx.numpy_helper.from_array(np.full(2, 1e-9, np.float16), var.name))
+    bn = model.graph.node[-1]
+    bn.attribute[0].f = 1e-12   # epsilon: s = γ/√(σ²+ε) ≈ 3e4 pushes weights past 65504
+    result = fuse_with_report(model, verify=False)
+    reasons = [bl.reason for bl in result.report.blocks if not bl.fused]
+    assert any("float16 range" in r for r in reasons), reasons
+
+
+def _reason(model):
+    result = fuse_with_report(model, verify=False)
+    return " | ".join(bl.reason or "" for bl in result.report.blocks)
