@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import onnx
@@ -26,7 +26,12 @@ _UNSUPPORTED_OPS = {"If": "If", "Loop": "Loop", "Scan": "Scan",
 class FuseResult:
     model: onnx.ModelProto          # the fused model (the input itself when nothing was fused)
     report: Report
-    external_data: bool = False     # the input kept its weights in external data files
+    data_files: List[str] = field(default_factory=list)   # the input's external data files
+
+    @property
+    def external_data(self) -> bool:
+        """The input kept its weights in external data files (so does the output)."""
+        return bool(self.data_files)
 
 
 def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[str] = (),
@@ -45,7 +50,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         rulebook = load_rules(rules, builtin=builtin_rules)
     except RuleError as exc:
         raise InputError(str(exc)) from None
-    original, folder, external = io.load(model)
+    original, folder, data_files = io.load(model)
     io.check(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model")
     report = Report(ops_before=op_counts(original.graph))
     if initializers_as_constants:
@@ -75,7 +80,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     else:
         report.verification = Verification(ran=False, passed=True, message="--no-verify")
     report.written = bool(write and fused_blocks)
-    return FuseResult(result_model, report, external)
+    return FuseResult(result_model, report, [str(f) for f in data_files])
 
 
 def fuse(model: ModelLike, **options) -> onnx.ModelProto:

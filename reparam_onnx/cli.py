@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 --check found fusable blocks, 2 usage or input error,
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -58,9 +59,9 @@ def _load_inputs(path: Optional[str]):
 @click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
 @click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=str),
               help="A folder of extra rule files (*.toml); repeatable.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random verification inputs.")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance (default 1e-5 float32, 1e-3 float16).")
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance added to rtol·max|ref|.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--rtol", type=click.FloatRange(min=0.0), default=None, help="Relative tolerance (default 1e-5 float32, 1e-3 float16).")
+@click.option("--atol", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="Absolute tolerance added to rtol·max|ref|.")
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=str), help="Verification inputs (.npz by input name).")
 @click.option("--initializers-as-constants", is_flag=True,
               help="Treat initializers listed as graph inputs as constants (old exports, IR < 4).")
@@ -80,8 +81,14 @@ def run(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, ato
     try:
         if not check and not output:
             raise InputError("missing -o/--output (or use --check)")
-        if output and os.path.exists(model) and os.path.exists(output) and os.path.samefile(model, output):
+        if output and io.same_file(model, output):
             raise InputError("the output path is the input path; choose another output")
+        if report_path and (io.same_file(model, report_path) or (output and os.path.abspath(report_path)
+                                                                == os.path.abspath(output))):
+            report_path = None  # never write the report over what it is about
+            raise InputError("the report path is the input or the output path; choose another report name")
+        if rtol is not None and not math.isfinite(rtol) or not math.isfinite(atol):
+            raise InputError("--rtol and --atol must be finite numbers")
         if output and Path(output).is_dir():
             raise InputError(f"output path '{output}' is a directory")
         if output and not Path(output).parent.is_dir() and str(Path(output).parent):
@@ -94,9 +101,9 @@ def run(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, ato
             remaining = [b for b in report.blocks if b.fusable]
             code = EXIT_CHECK if remaining else EXIT_OK
         elif output:
-            io.save(result.model, output, external=result.external_data)
+            io.save(result.model, output, external=result.external_data, protect=[model] + result.data_files)
         if not quiet:
-            click.echo(report.to_text(verbose=verbose))
+            click.echo(report.to_text(verbose=verbose, dry_run=check))
             if check:
                 click.echo(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain")
             elif output:

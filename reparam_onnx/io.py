@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -15,14 +15,16 @@ TWO_GIB = 2**31
 EXTERNAL_THRESHOLD = 1024   # bytes; smaller tensors stay inside the model file
 
 
-def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], bool]:
-    """(model, folder of the model file or None, whether it used external data).
+def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
+    """(model, folder of the model file or None, the external data files it read).
 
     A ModelProto is returned as given (callers copy before editing). A path is read
     with its external data, which must lie inside the model's folder.
     """
     if isinstance(source, onnx.ModelProto):
-        return source, None, _has_external(source)
+        if _has_external(source):
+            raise InputError("the model refers to external data; pass its path instead of a loaded ModelProto")
+        return source, None, []
     path = Path(source)
     if not path.exists():
         raise InputError(f"'{path}' does not exist")
@@ -36,10 +38,8 @@ def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelPr
         raise InputError(f"'{path}' is not an ONNX model ({_first_line(exc) or type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (no graph)")
-    external = _has_external(model)
-    if external:
-        _load_external(model, path.parent)
-    return model, path.parent, external
+    files = _load_external(model, path.parent) if _has_external(model) else []
+    return model, path.parent, files
 
 
 def check(model: onnx.ModelProto, name: str = "the model") -> None:
@@ -73,9 +73,10 @@ def _has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _load_external(model: onnx.ModelProto, folder: Path) -> None:
+def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
     from onnx.external_data_helper import load_external_data_for_tensor, ExternalDataInfo
     root = folder.resolve()
+    files = []
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -95,13 +96,18 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> None:
             raise InputError(f"cannot read external data '{location}': {_first_line(exc)}") from None
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+        if full.resolve() not in files:
+            files.append(full.resolve())
+    return files
 
 
-def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False) -> None:
+def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False,
+         protect: Iterable[Union[str, os.PathLike]] = ()) -> None:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
     to '<output name>.data' next to the output. The model is modified to point there.
+    Neither file may be one of `protect` (the input model and its data files).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -111,6 +117,10 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool =
         raise InputError(f"output path '{path}' is a directory")
     external = external or model.ByteSize() >= TWO_GIB
     data_path = path.with_name(path.name + ".data")
+    for target in [path] + ([data_path] if external else []):
+        if any(same_file(target, p) for p in protect):
+            raise InputError(f"writing '{target}' would overwrite the input model or its external data; "
+                             f"choose another output name")
     if external:
         write_atomic(data_path, lambda f: _externalize(model, f, data_path.name))
     write_atomic(path, lambda f: f.write(model.SerializeToString()))
@@ -151,6 +161,13 @@ def write_atomic(path: Path, write) -> None:
         if isinstance(exc, OSError):
             raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
         raise
+
+
+def same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -70,13 +70,14 @@ class Report:
         }
         return data
 
-    def to_text(self, verbose: bool = False) -> str:
+    def to_text(self, verbose: bool = False, dry_run: bool = False) -> str:
         lines = []
         per_rule = self.per_rule()
-        lines.append(f"fused {len(self.fused)} block(s)" + (": " + ", ".join(f"{n} {r}" for r, n in per_rule.items())
+        verb = "would fuse" if dry_run else "fused"
+        lines.append(f"{verb} {len(self.fused)} block(s)" + (": " + ", ".join(f"{n} {r}" for r, n in per_rule.items())
                                                           if per_rule else ""))
         for b in self.fused if verbose else []:
-            lines.append(f"  fused [{b.rule}] {b.output} <- {b.input}: {b.shape}")
+            lines.append(f"  {verb} [{b.rule}] {b.output} <- {b.input}: {b.shape}")
         if self.unfused:
             lines.append(f"left {len(self.unfused)} block(s) as they were:")
             for b in self.unfused:

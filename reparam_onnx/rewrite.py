@@ -236,7 +236,7 @@ class Fuser:
                 kept.append(replace[id(node)])
             elif id(node) not in removed:
                 kept.append(node)
-        _remove_dead(graph, kept, dropped_inputs)
+        _remove_dead(graph, kept, dropped_inputs, self.index.initializers_are_constant)
         return len(fused)
 
     def _build_conv(self, d: Decision, root: onnx.NodeProto, names: Set[str]):
@@ -315,8 +315,13 @@ def _referenced(nodes) -> Set[str]:
     return names
 
 
-def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates: List[str]) -> None:
-    """Drop what only the removed nodes used: parameter initializers and constant subgraphs."""
+def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates: List[str],
+                 drop_inputs: bool = False) -> None:
+    """Drop what only the removed nodes used: parameter initializers and constant subgraphs.
+
+    An initializer that is also a graph input stays (it is part of the model's interface)
+    unless drop_inputs: then it was treated as a constant, and goes with its input entry.
+    """
     outputs = {o.name for o in graph.output}
     producer = {o: n for n in kept for o in n.output}
     live = _referenced(kept)
@@ -336,7 +341,12 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
     final = [n for n in kept if id(n) not in dead_nodes]
     live = _referenced(final) | outputs
     graph_inputs = {i.name for i in graph.input}
-    dead_inits = {name for name in candidates if name not in live and name not in graph_inputs}
+    initializers = {t.name for t in graph.initializer}
+    dead_inits = {name for name in candidates if name not in live and name in initializers
+                  and (drop_inputs or name not in graph_inputs)}
+    for i in reversed(range(len(graph.input))):
+        if graph.input[i].name in dead_inits:
+            del graph.input[i]
     # Delete by index: rebuilding the list would copy every weight.
     for i in reversed(range(len(graph.initializer))):
         if graph.initializer[i].name in dead_inits:

@@ -142,6 +142,8 @@ def _term_shape(expr: Expr, ctx: Context) -> TermShape:
         _, below = _strip_affine(core.input)
         kind = "conv" if isinstance(below, (Leaf, Shared)) and below.tensor == ctx.source else "conv_chain"
         return TermShape(kind, tuple(core.weight.shape[2:]), core.group, bn=bool(kinds))
+    if isinstance(core, Conv):
+        return TermShape("conv with non-constant weight")
     return TermShape(type(core).__name__.lower())
 
 

@@ -1,0 +1,275 @@
+"""What fusing keeps: model and graph properties, value_info of surviving tensors,
+byte-identical results (nothing to fuse, idempotence, determinism across hash seeds),
+external data, and the caller's ModelProto."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import Builder, assert_equivalent, assert_untouched, fuse_and_check, repvgg_block
+
+from reparam_onnx import fuse, fuse_with_report
+from reparam_onnx import cli
+
+SHAPE = ["N", 4, 8, 8]
+
+
+def repvgg_model(seed: int = 0, opset: int = 17, ir_version=None) -> onnx.ModelProto:
+    """x → RepVGG block → Relu → 1×1 Conv (no BN: not a block) → Relu."""
+    b = Builder(seed, opset=opset)
+    x = b.input(SHAPE)
+    r = b.node("Relu", [repvgg_block(b, x, 4, 4)])
+    z = b.node("Relu", [b.conv(r, 4, 4, (1, 1))])
+    b.output(z, SHAPE)
+    return b.model(ir_version=ir_version)
+
+
+def two_block_model(seed: int = 1) -> onnx.ModelProto:
+    b = Builder(seed)
+    x = b.input(SHAPE)
+    r = b.node("Relu", [repvgg_block(b, x, 4, 4)])
+    r = b.node("Relu", [repvgg_block(b, r, 4, 8, stride=2)])
+    b.output(r, ["N", 8, 4, 4])
+    return b.model()
+
+
+def decorated_model() -> onnx.ModelProto:
+    """IR 7, an unused custom opset, metadata, doc strings, producer, value_info."""
+    m = repvgg_model(opset=13, ir_version=7)
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    helper.set_model_props(m, {"author": "tests", "license": "none", "zz": "last"})
+    m.doc_string = "model doc"
+    m.graph.doc_string = "graph doc"
+    m.graph.node[-1].doc_string = "last relu doc"           # survives
+    m.graph.node[0].doc_string = "first conv doc"           # inside the block: removed
+    m.producer_name, m.producer_version = "test-producer", "1.2.3"
+    m.model_version = 42
+    m.domain = "org.example.tests"
+    m.graph.value_info.extend([
+        helper.make_tensor_value_info("relu1_out", TensorProto.FLOAT, SHAPE),               # survives
+        helper.make_tensor_value_info("add2_out", TensorProto.FLOAT, SHAPE),                # block output: kept
+        helper.make_tensor_value_info("conv1_out", TensorProto.FLOAT, SHAPE),               # removed
+        helper.make_tensor_value_info("batchnormalization3_out", TensorProto.FLOAT, SHAPE),  # removed
+    ])
+    onnx.checker.check_model(m)
+    return m
+
+
+def tensor_names(graph: onnx.GraphProto) -> set:
+    names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    for n in graph.node:
+        names.update(n.input)
+        names.update(n.output)
+    return names
+
+
+# ---------------------------------------------------------------- properties
+
+def test_properties_are_kept():
+    m = decorated_model()
+    result = fuse_and_check(m, ops={"Conv": 2, "BatchNormalization": 0, "Add": 0, "Relu": 2})
+    f = result.model
+    onnx.checker.check_model(f, full_check=True)
+    assert f.ir_version == 7
+    assert [(o.domain, o.version) for o in f.opset_import] == [("", 13), ("com.example", 1)]
+    assert [(p.key, p.value) for p in f.metadata_props] == [("author", "tests"), ("license", "none"),
+                                                             ("zz", "last")]
+    assert f.doc_string == "model doc"
+    assert f.graph.doc_string == "graph doc"
+    assert f.graph.name == m.graph.name
+    assert f.producer_name == "test-producer" and f.producer_version == "1.2.3"
+    assert f.model_version == 42
+    assert f.domain == "org.example.tests"
+    last = [n for n in f.graph.node if n.name == m.graph.node[-1].name]
+    assert len(last) == 1 and last[0].doc_string == "last relu doc"
+    assert "first conv doc" not in {n.doc_string for n in f.graph.node}
+    assert [i.name for i in f.graph.input] == ["x"]
+    assert list(f.graph.output) == list(m.graph.output)
+
+
+def test_value_info_of_surviving_tensors_only():
+    f = fuse(decorated_model())
+    infos = {v.name: v for v in f.graph.value_info}
+    assert "relu1_out" in infos and "add2_out" in infos
+    assert "conv1_out" not in infos and "batchnormalization3_out" not in infos
+    original = {v.name: v for v in decorated_model().graph.value_info}
+    assert infos["relu1_out"] == original["relu1_out"]
+    live = tensor_names(f.graph)
+    assert all(name in live for name in infos), "value_info of a tensor that is gone"
+
+
+def test_dead_weights_are_removed():
+    m = repvgg_model()
+    f = fuse(m)
+    used = {name for n in f.graph.node for name in n.input}
+    assert {t.name for t in f.graph.initializer} <= used
+    assert f.ByteSize() < m.ByteSize()
+
+
+# ---------------------------------------------------------------- byte-identical results
+
+def nothing_to_fuse() -> onnx.ModelProto:
+    b = Builder(4)
+    x = b.input(SHAPE)
+    r = b.node("Relu", [b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1))])
+    s = b.add(b.node("Relu", [b.conv(r, 4, 4, (1, 1))]), r)    # a sum, but through a Relu: not linear
+    b.output(s, SHAPE)
+    m = b.model()
+    m.doc_string = "keep me"
+    helper.set_model_props(m, {"a": "b"})
+    return m
+
+
+def test_nothing_to_fuse_is_byte_identical():
+    m = nothing_to_fuse()
+    result = fuse_with_report(m)
+    assert not result.report.fused
+    assert result.model.SerializeToString() == m.SerializeToString()
+
+
+@pytest.mark.parametrize("make", [repvgg_model, two_block_model, decorated_model])
+def test_idempotent(make):
+    once = fuse(make())
+    twice = fuse_with_report(once)
+    assert not twice.report.fused
+    assert not [b for b in twice.report.blocks if b.fusable]
+    assert twice.model.SerializeToString() == once.SerializeToString()
+
+
+@pytest.mark.parametrize("make", [repvgg_model, two_block_model, decorated_model])
+def test_deterministic_in_process(make):
+    assert fuse(make()).SerializeToString() == fuse(make()).SerializeToString()
+
+
+def test_input_proto_not_modified():
+    m = decorated_model()
+    before = m.SerializeToString()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(m)
+    result = fuse_with_report(m)
+    assert result.report.fused
+    assert m.SerializeToString() == before
+    assert m == copy
+    assert result.model is not m
+
+
+def test_deterministic_across_hash_seeds(tmp_path):
+    src = tmp_path / "two.onnx"
+    onnx.save_model(two_block_model(), str(src))
+    outputs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"out{hash_seed}.onnx"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        proc = subprocess.run([sys.executable, "-m", "reparam_onnx.cli", str(src), "-o", str(out), "-q"],
+                              env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+# ---------------------------------------------------------------- external data
+
+def _run_cli(args) -> int:
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in args])
+    return info.value.code or 0
+
+
+def _folder_bytes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_external_data(tmp_path, monkeypatch, capfd):
+    src_dir, out_dir, elsewhere = tmp_path / "src", tmp_path / "out", tmp_path / "cwd"
+    for d in (src_dir, out_dir, elsewhere):
+        d.mkdir()
+    onnx.save_model(two_block_model(), str(src_dir / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    before = _folder_bytes(src_dir)
+    assert set(before) == {"m.onnx", "m.onnx.data"}
+    monkeypatch.chdir(elsewhere)           # relative locations resolve against the model, not the cwd
+    out = out_dir / "fused.onnx"
+    assert _run_cli([src_dir / "m.onnx", "-o", out, "-q"]) == 0
+    assert capfd.readouterr().err == ""
+    assert _folder_bytes(src_dir) == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["fused.onnx", "fused.onnx.data"]
+    assert list(elsewhere.iterdir()) == []
+    head = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in head.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"fused.onnx.data"}
+    fused = onnx.load(str(out))
+    onnx.checker.check_model(fused)
+    assert sum(n.op_type == "BatchNormalization" for n in fused.graph.node) == 0
+    assert_equivalent(two_block_model(), fused)
+
+
+def test_external_data_input_missing_data_file(tmp_path, capfd):
+    onnx.save_model(repvgg_model(), str(tmp_path / "m.onnx"), save_as_external_data=True,
+                    location="m.onnx.data", size_threshold=0)
+    (tmp_path / "m.onnx.data").unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert _run_cli([tmp_path / "m.onnx", "-o", out / "f.onnx"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "m.onnx.data" in err[0] and "missing" in err[0]
+    assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------- initializers listed as graph inputs
+
+def weights_as_inputs() -> onnx.ModelProto:
+    """IR 3 style: every initializer is also a graph input."""
+    m = repvgg_model()
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_graph_input_weights_are_not_constants_by_default():
+    result = assert_untouched(weights_as_inputs(), "graph input")
+    assert not result.report.notes
+
+
+def test_graph_input_weights_fused_when_asked():
+    m = weights_as_inputs()
+    result = fuse_and_check(m, initializers_as_constants=True, ops={"BatchNormalization": 0, "Add": 0})
+    assert [b.rule for b in result.report.fused] == ["repvgg"]
+    assert any("graph inputs" in note for note in result.report.notes)
+    onnx.checker.check_model(result.model)
+
+
+def test_graph_input_weights_cli(tmp_path, capfd):
+    src = tmp_path / "m.onnx"
+    onnx.save_model(weights_as_inputs(), str(src))
+    report = tmp_path / "r.json"
+    assert _run_cli([src, "-o", tmp_path / "a.onnx", "--report", report, "-q"]) == 0
+    data = json.loads(report.read_text())
+    assert data["summary"]["fused"] == 0
+    assert any("graph input" in (b["reason"] or "") for b in data["blocks"])
+    assert not data["notes"]
+    assert (tmp_path / "a.onnx").read_bytes() == src.read_bytes()
+
+    assert _run_cli([src, "-o", tmp_path / "b.onnx", "--initializers-as-constants", "--report", report]) == 0
+    out = capfd.readouterr().out
+    assert "note:" in out
+    data = json.loads(report.read_text())
+    assert data["summary"]["per_rule"] == {"repvgg": 1}
+    assert any("initializers-as-constants" in note for note in data["notes"])
+    assert_equivalent(onnx.load(str(src)), onnx.load(str(tmp_path / "b.onnx")))
+
+
+def test_output_data_file_does_not_clobber_input_data(tmp_path):
+    onnx.save_model(two_block_model(), str(tmp_path / "a.onnx"), save_as_external_data=True,
+                    location="b.onnx.data", size_threshold=0)
+    before = _folder_bytes(tmp_path)
+    code = _run_cli([tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "-q"])
+    assert {k: v for k, v in _folder_bytes(tmp_path).items() if k in before} == before
+    assert code == 2
