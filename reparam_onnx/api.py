@@ -56,8 +56,11 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     if initializers_as_constants:
         report.notes.append("initializers listed as graph inputs were treated as constants (--initializers-as-constants)")
     _note_unsupported(original, report)
-    work = onnx.ModelProto()
-    work.CopyFrom(original)
+    if isinstance(model, onnx.ModelProto) or (verify and write):
+        work = onnx.ModelProto()   # the caller's proto, or the reference for verification, stays intact
+        work.CopyFrom(original)
+    else:
+        work = original            # loaded here and not needed afterwards: edit in place, copy no weight
     report.blocks = fuse_graph(work, rulebook, initializers_as_constants,
                                str(folder) if folder else None, write=write)
     fused_blocks = [b for b in report.blocks if b.fused]

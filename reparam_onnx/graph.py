@@ -10,6 +10,8 @@ from onnx import numpy_helper
 
 # Ops whose output depends on an activation only through its static shape or dtype.
 _SHAPE_ONLY_INPUTS = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
+# Folding these would replace quantized weights by float ones and change the model's precision.
+_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Constant subgraphs larger than this many elements are not materialized.
 MAX_FOLD_ELEMENTS = 1 << 26
 
@@ -38,6 +40,9 @@ class GraphIndex:
             for name in node.input:
                 if name:
                     self.consumers[name].append(node)
+            # A subgraph (If/Loop/Scan body) may read outer tensors: count it as a consumer.
+            for name in subgraph_reads(node):
+                self.consumers[name].append(node)
         self.initializers = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
@@ -89,6 +94,8 @@ class GraphIndex:
     def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
         if node.domain not in ("", "ai.onnx"):
             raise NotConstant(f"'{name}' comes from {node.domain}.{node.op_type}")
+        if node.op_type in _QUANTIZED:
+            raise NotConstant(f"'{name}' is quantized ({node.op_type} '{node.name}'); Q/DQ weights are left alone")
         if node.op_type == "Constant":
             return _constant_value(node)
         if node.op_type == "Identity":
@@ -119,6 +126,27 @@ class GraphIndex:
         if any(d is None for d in dims):
             raise NotConstant(f"{node.op_type} '{node.name}' reads '{name}', whose shape is dynamic")
         return np.zeros(dims, dtype)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set:
+    """Every tensor name read inside the node's subgraphs (over-approximates outer-scope reads)."""
+    names = set()
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        for g in graphs:
+            for sub in g.node:
+                names.update(i for i in sub.input if i)
+                names.update(subgraph_reads(sub))
+    return names
+
+
+def reads(nodes) -> set:
+    """Every tensor name the nodes read, subgraphs included."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        names.update(subgraph_reads(node))
+    return names
 
 
 def _check_size(dims, name):

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex
+from .graph import GraphIndex, reads
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
@@ -304,17 +304,6 @@ def _unique(name: str, used: Set[str]) -> str:
     return candidate
 
 
-def _referenced(nodes) -> Set[str]:
-    """Every tensor name the nodes read, subgraphs (If/Loop bodies) included."""
-    names = set()
-    for node in nodes:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in list(attr.g.node if attr.HasField("g") else []) + [n for g in attr.graphs for n in g.node]:
-                names.update(_referenced([sub]))
-    return names
-
-
 def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates: List[str],
                  drop_inputs: bool = False) -> None:
     """Drop what only the removed nodes used: parameter initializers and constant subgraphs.
@@ -324,7 +313,7 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
     """
     outputs = {o.name for o in graph.output}
     producer = {o: n for n in kept for o in n.output}
-    live = _referenced(kept)
+    live = reads(kept)
     dead_nodes: Set[int] = set()
     pending = list(candidates)
     while pending:
@@ -339,7 +328,7 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
         dead_nodes.add(id(node))
         pending.extend(i for i in node.input if i)
     final = [n for n in kept if id(n) not in dead_nodes]
-    live = _referenced(final) | outputs
+    live = reads(final) | outputs
     graph_inputs = {i.name for i in graph.input}
     initializers = {t.name for t in graph.initializer}
     dead_inits = {name for name in candidates if name not in live and name in initializers

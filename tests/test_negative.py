@@ -170,3 +170,44 @@ def test_weights_too_large_for_float16():
 def _reason(model):
     result = fuse_with_report(model, verify=False)
     return " | ".join(bl.reason or "" for bl in result.report.blocks)
+
+
+def test_quantized_weights_are_left_alone():
+    """A Conv weight from DequantizeLinear is not folded to float: that would change the precision."""
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    wq = b.node("QuantizeLinear", [b.const(np.random.default_rng(0).normal(size=(4, 4, 3, 3))),
+                                   b.const(np.array(0.05), "scale")])
+    w = b.node("DequantizeLinear", [wq, b.const(np.array(0.05), "scale")])
+    c = b.node("Conv", [x, w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    model = b.model(b.add(c, b.bn(b.conv(x, 4, 4, (1, 1)), 4)))
+    assert_untouched(model, "quantized", identical=False)
+
+
+def test_control_flow_is_noted():
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    y = repvgg_block(b, x, 4, 4)
+    then = helper.make_graph([helper.make_node("Identity", [y], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)])
+    cond = b.const(np.array(True), "cond")
+    b.inits[-1] = onnx.numpy_helper.from_array(np.array(True), cond)
+    out = b.node("If", [cond], then_branch=then, else_branch=then)
+    result = fuse_and_check(b.model(out), {"Conv": 1, "Add": 0})
+    assert any("If" in note for note in result.report.notes)
+
+
+def test_branch_tensor_read_inside_a_subgraph():
+    """An If body reading a branch tensor is a second consumer: the block stays."""
+    b = Builder()
+    x = b.input([1, 4, 9, 7])
+    a = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1,) * 4), 4)
+    c = b.bn(b.conv(x, 4, 4, (1, 1)), 4)
+    y = b.add(a, c)
+    then = helper.make_graph([helper.make_node("Identity", [c], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, None)])
+    cond = b.const(np.array(True), "cond")
+    b.inits[-1] = onnx.numpy_helper.from_array(np.array(True), cond)
+    out = b.node("If", [cond], then_branch=then, else_branch=then)
+    result = assert_untouched(b.model(y, out), "2 consumers", identical=False)
+    assert op_counts(result.model)["Add"] == 1
