@@ -313,20 +313,22 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
     """
     outputs = {o.name for o in graph.output}
     producer = {o: n for n in kept for o in n.output}
-    live = reads(kept)
+    uses = Counter()
+    for node in kept:
+        uses.update(reads([node]))
     dead_nodes: Set[int] = set()
     pending = list(candidates)
     while pending:
         name = pending.pop()
-        if name in live or name in outputs:
-            continue
         node = producer.get(name)
         if node is None or id(node) in dead_nodes:
             continue
-        if any(o in live or o in outputs for o in node.output if o):
+        if any(uses[o] or o in outputs for o in node.output if o):
             continue
         dead_nodes.add(id(node))
-        pending.extend(i for i in node.input if i)
+        for inp in reads([node]):
+            uses[inp] -= 1
+            pending.append(inp)
     final = [n for n in kept if id(n) not in dead_nodes]
     live = reads(final) | outputs
     graph_inputs = {i.name for i in graph.input}

@@ -5,6 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
+import onnx
 from onnx import helper
 
 from conftest import Builder, fuse_and_check, repvgg_block
@@ -236,3 +237,31 @@ def test_stacked_blocks_all_fuse():
     result = fuse_and_check(b.model(h), {"Conv": 4, "Add": 0, "BatchNormalization": 0, "Relu": 4})
     assert len(result.report.fused) == 4
     assert result.report.verification.passed
+
+
+def test_bn_params_from_constant_nodes():
+    """BatchNorm(affine=False) exports its scale and bias as Constant nodes, not initializers."""
+    b = Builder(seed=31)
+    c = 4
+    x = b.input([1, c, 9, 7])
+    consts = []
+    for value in (np.ones(c), np.zeros(c)):
+        consts.append(b.node("Constant", [], value=onnx.numpy_helper.from_array(value.astype(np.float32))))
+    r = np.random.default_rng(3)
+    mean, var = b.const(r.normal(0, .5, c), "mean"), b.const(r.uniform(.5, 2, c), "var")
+    identity_bn = b.node("BatchNormalization", [x, consts[0], consts[1], mean, var])
+    y = b.add(b.bn(b.conv(x, c, c, (3, 3), pads=(1,) * 4), c), identity_bn)
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "BatchNormalization": 0, "Constant": 0})
+
+
+def test_constant_subgraph_bias():
+    """The dynamo exporter's zero bias: Shape(W) → Expand(CastLike(0, activation))."""
+    b = Builder(seed=32)
+    x = b.input([1, 4, 9, 7])
+    w = b.const(np.random.default_rng(0).normal(0, .3, (4, 4, 3, 3)))
+    shape = b.node("Shape", [w], start=0, end=1)
+    zero = b.node("CastLike", [b.node("Constant", [], value=onnx.numpy_helper.from_array(np.array(0.0, np.float32))), x])
+    bias = b.node("Expand", [zero, shape])
+    conv = b.node("Conv", [x, w, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.add(b.bn(conv, 4), b.bn(x, 4))
+    fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "Expand": 0, "Shape": 0, "CastLike": 0, "Constant": 0})

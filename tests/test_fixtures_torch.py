@@ -29,6 +29,8 @@ def test_export_fuses_to_deploy_form(family, variant, tmp_path):
     path = TORCH / f"{family}.{variant}.onnx"
     result = fuse_with_report(str(path))
     assert _counts(result.model) == info["expected_fused_op_counts"]
+    left = {n.op_type for n in result.model.graph.node}
+    assert not left & {"Add", "BatchNormalization", "Shape", "Expand", "CastLike", "Identity"}, left
     assert not result.report.unfused, [b.reason for b in result.report.unfused]
     assert result.report.verification.passed
 
