@@ -128,6 +128,16 @@ class GraphIndex:
         return np.zeros(dims, dtype)
 
 
+def unique_name(name: str, used: set) -> str:
+    """`name`, or `name_2`, `name_3`, ... : the first not in `used` (which then holds it)."""
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{name}_{n}"
+    used.add(candidate)
+    return candidate
+
+
 def subgraph_reads(node: onnx.NodeProto) -> set:
     """Every tensor name read inside the node's subgraphs (over-approximates outer-scope reads)."""
     names = set()

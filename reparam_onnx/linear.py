@@ -4,18 +4,23 @@ The tree (terms.py) is evaluated bottom-up relative to the block input x. Every
 sub-expression is either a per-channel affine map of x (Diag) or a convolution of x
 (ConvMap); both are kept in float64. Sums align their branches with
 geometry.align and add the placed kernels.
+
+Layouts: every value is computed in the canonical (N, C, spatial...) order and carries
+the permutation `layout` that lays it out as the graph has it (actual = Transpose(canonical,
+perm=layout)); the block input's layout is whatever makes its convs read (N, C, ...).
+Per-channel constants are read on the axis where the layout puts C.
 """
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
-from .terms import Affine, Conv, Expr, Leaf, Shared, Sum, walk_expr
+from .terms import Affine, Conv, Expr, Leaf, Pad, Shared, Sum, Transpose, block_exprs, walk_expr
 
 
 class NotExact(Exception):
@@ -24,9 +29,11 @@ class NotExact(Exception):
 
 @dataclass
 class Diag:
-    """y[c] = scale[c]·x[c] + shift[c]."""
+    """y[c] = scale[c]·x[c] + shift[c], then zero-padded by `pads` (canonical spatial axes)."""
     scale: np.ndarray
     shift: np.ndarray
+    layout: tuple = ()
+    pads: Optional[Tuple[tuple, tuple]] = None     # (begin per spatial axis, end per spatial axis)
 
 
 @dataclass
@@ -36,6 +43,7 @@ class ConvMap:
     bias: np.ndarray
     geometry: ConvGeometry
     group: int
+    layout: tuple = ()
 
     @property
     def out_channels(self) -> int:
@@ -47,13 +55,51 @@ class Context:
     source: str                         # the block input tensor
     channels: int                       # C of the block input
     rank: int                           # spatial rank
-    spatial: Optional[Sequence[Optional[int]]]   # static spatial size of the block input, None per unknown axis
+    spatial: Optional[Sequence[Optional[int]]]   # static canonical spatial size of the block input (None: unknown)
+    layout: tuple = ()                  # how the block input is laid out (identity: N, C, spatial...)
+
+    @property
+    def canonical(self) -> tuple:
+        return tuple(range(self.rank + 2))
+
+
+def compose(layout: Sequence[int], perm: Sequence[int]) -> tuple:
+    """The layout after Transpose(perm) of a tensor laid out as `layout`."""
+    return tuple(layout[p] for p in perm)
+
+
+def inverse(perm: Sequence[int]) -> tuple:
+    out = [0] * len(perm)
+    for i, p in enumerate(perm):
+        out[p] = i
+    return tuple(out)
+
+
+def source_layout(expr: Expr, source: str, rank: int) -> tuple:
+    """The block input's layout: the inverse of the Transposes between it and its first Conv."""
+    identity = tuple(range(rank + 2))
+    for conv in (e for e in block_exprs(expr, source) if isinstance(e, Conv)):
+        perms, e = [], conv.input
+        while not (isinstance(e, (Leaf, Shared)) and e.tensor == source):
+            if isinstance(e, Transpose):
+                perms.append(e.perm)
+            if not isinstance(e, (Transpose, Affine, Pad, Shared)):
+                break
+            e = e.input
+        else:
+            chain = identity
+            for perm in reversed(perms):
+                if len(perm) != len(chain):
+                    raise NotExact("a Transpose changes the tensor's rank")
+                chain = compose(chain, perm)
+            return inverse(chain)
+    return identity
 
 
 def top_terms(expr: Expr) -> Tuple[List[Expr], bool]:
     """The terms of the block's sum (nested sums flattened) and whether there is a sum at all."""
     core = expr
-    while isinstance(core, Affine):
+    while isinstance(core, (Affine, Transpose)):
         core = core.input
     if not isinstance(core, Sum):
         return [expr], False
@@ -104,8 +150,8 @@ def choose_source(expr: Expr) -> Optional[str]:
     return best if isinstance(expr, Affine) else None
 
 
-def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool) -> np.ndarray:
-    """A constant broadcast against an (N, C, *spatial) tensor as a vector over C, or NotExact."""
+def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool, axis: int = 1) -> np.ndarray:
+    """A constant broadcast against a rank+2 tensor whose channels are on `axis`, as a vector over C."""
     value = np.asarray(value, np.float64)
     if on_channels:
         flat = value.reshape(-1)
@@ -114,8 +160,8 @@ def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool) 
         if value.ndim > full:
             raise NotExact(f"a constant of shape {list(value.shape)} changes the tensor's rank")
         shape = (1,) * (full - value.ndim) + value.shape
-        if any(d != 1 for i, d in enumerate(shape) if i != 1):
-            raise NotExact(f"a constant of shape {list(value.shape)} is not per-channel on axis 1")
+        if any(d != 1 for i, d in enumerate(shape) if i != axis):
+            raise NotExact(f"a constant of shape {list(value.shape)} is not per-channel on axis {axis}")
         flat = value.reshape(-1)
     if flat.size not in (1, channels):
         raise NotExact(f"a per-channel constant has {flat.size} values for {channels} channels")
@@ -124,12 +170,22 @@ def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool) 
 
 def evaluate(expr: Expr, ctx: Context):
     """The Diag or ConvMap that `expr` computes from ctx.source."""
-    if isinstance(expr, (Leaf, Shared)):
-        if expr.tensor == ctx.source:
-            return Diag(np.ones(ctx.channels), np.zeros(ctx.channels))
-        if isinstance(expr, Shared):
-            raise NotExact(f"a tensor inside the block is used elsewhere: {expr.reason}")
+    if isinstance(expr, (Leaf, Shared)) and expr.tensor == ctx.source:
+        return Diag(np.ones(ctx.channels), np.zeros(ctx.channels), ctx.layout)
+    if isinstance(expr, Shared):
+        return evaluate(expr.input, ctx)   # whether its other consumers are inside the block is checked apart
+    if isinstance(expr, Leaf):
         raise NotExact(f"a branch does not reach the block input: {expr.reason}")
+    if isinstance(expr, Transpose):
+        inner = evaluate(expr.input, ctx)
+        if len(expr.perm) != len(inner.layout):
+            raise NotExact("a Transpose changes the tensor's rank")
+        layout = compose(inner.layout, expr.perm)
+        if isinstance(inner, Diag):
+            return Diag(inner.scale, inner.shift, layout, inner.pads)
+        return ConvMap(inner.kernel, inner.bias, inner.geometry, inner.group, layout)
+    if isinstance(expr, Pad):
+        return _evaluate_pad(expr, ctx)
     if isinstance(expr, Affine):
         return _evaluate_affine(expr, ctx)
     if isinstance(expr, Conv):
@@ -147,13 +203,40 @@ def _evaluate_affine(expr: Affine, ctx: Context):
     if expr.problem:
         raise NotExact(expr.problem)
     inner = evaluate(expr.input, ctx)
+    if expr.kind == "noop":
+        return inner
     channels = _channels(inner, ctx)
-    scale = np.ones(channels) if expr.scale is None else per_channel(expr.scale, ctx.rank, channels, expr.on_channels)
-    shift = np.zeros(channels) if expr.shift is None else per_channel(expr.shift, ctx.rank, channels, expr.on_channels)
+    if expr.on_channels and inner.layout.index(1) != 1:
+        raise NotExact("a BatchNormalization normalizes axis 1, which is not the channel axis here")
+    axis = inner.layout.index(1)
+    scale = np.ones(channels) if expr.scale is None else per_channel(expr.scale, ctx.rank, channels, expr.on_channels, axis)
+    shift = np.zeros(channels) if expr.shift is None else per_channel(expr.shift, ctx.rank, channels, expr.on_channels, axis)
     if isinstance(inner, Diag):
-        return Diag(inner.scale * scale, inner.shift * scale + shift)
+        if inner.pads is not None and np.any(shift):
+            raise NotExact("a per-channel shift after zero padding is not exact at the borders")
+        return Diag(inner.scale * scale, inner.shift * scale + shift, inner.layout, inner.pads)
     kernel, bias = kernels.fold_affine(inner.kernel, inner.bias, scale, shift)
-    return ConvMap(kernel, bias, inner.geometry, inner.group)
+    return ConvMap(kernel, bias, inner.geometry, inner.group, inner.layout)
+
+
+def _evaluate_pad(expr: Pad, ctx: Context):
+    if expr.problem:
+        raise NotExact(expr.problem)
+    inner = evaluate(expr.input, ctx)
+    if isinstance(inner, ConvMap):
+        raise NotExact("zero padding after a conv inside a branch is not supported")
+    if len(expr.pads) != len(inner.layout):
+        raise NotExact("a Pad of a different rank")
+    # actual axis i is canonical axis layout[i]
+    canonical = {inner.layout[i]: pair for i, pair in enumerate(expr.pads)}
+    if canonical.get(0, (0, 0)) != (0, 0) or canonical.get(1, (0, 0)) != (0, 0):
+        raise NotExact("a Pad on the batch or channel axis")
+    begin = tuple(canonical[a][0] for a in range(2, ctx.rank + 2))
+    end = tuple(canonical[a][1] for a in range(2, ctx.rank + 2))
+    if inner.pads is not None:
+        begin = tuple(a + b for a, b in zip(begin, inner.pads[0]))
+        end = tuple(a + b for a, b in zip(end, inner.pads[1]))
+    return Diag(inner.scale, inner.shift, inner.layout, (begin, end))
 
 
 def _evaluate_conv(expr: Conv, ctx: Context):
@@ -167,12 +250,22 @@ def _evaluate_conv(expr: Conv, ctx: Context):
     inner = evaluate(expr.input, ctx)
     if isinstance(inner, ConvMap):
         raise NotExact(f"Conv '{name}' follows another conv inside a branch (sequential branches are not supported yet)")
+    if inner.layout != ctx.canonical:
+        raise NotExact(f"Conv '{name}' reads its input in another layout than the block's other convs")
     if weight.shape[1] * group != ctx.channels or weight.shape[0] % group:
         raise NotExact(f"Conv '{name}' weight {list(weight.shape)} with group {group} does not fit {ctx.channels} input channels")
+    spatial = ctx.spatial
+    if inner.pads is not None and spatial is not None:
+        spatial = [None if n is None else n + b + e for n, b, e in zip(spatial, *inner.pads)]
     try:
-        geometry = conv_geometry(expr.attrs, weight.shape[2:], ctx.spatial)
+        geometry = conv_geometry(expr.attrs, weight.shape[2:], spatial)
     except GeometryError as exc:
         raise NotExact(f"Conv '{name}': {exc}") from None
+    if inner.pads is not None:
+        # the Pad before the conv becomes the conv's own padding
+        geometry = ConvGeometry(geometry.kernel, geometry.strides,
+                                tuple(a + b for a, b in zip(geometry.pads_begin, inner.pads[0])),
+                                tuple(a + b for a, b in zip(geometry.pads_end, inner.pads[1])), geometry.dilations)
     bias = np.zeros(weight.shape[0]) if expr.bias is None else np.asarray(expr.bias, np.float64).reshape(-1)
     if bias.shape != (weight.shape[0],):
         raise NotExact(f"Conv '{name}' bias has {bias.size} values for {weight.shape[0]} channels")
@@ -181,13 +274,19 @@ def _evaluate_conv(expr: Conv, ctx: Context):
         if not geometry.unpadded:
             raise NotExact(f"a per-channel shift before the padded Conv '{name}' is not exact at the borders")
         bias = bias + kernels.bias_of_input_shift(weight, inner.shift, group)
-    return ConvMap(kernel, bias, geometry, group)
+    return ConvMap(kernel, bias, geometry, group, ctx.canonical)
 
 
 def _evaluate_sum(expr: Sum, ctx: Context):
     values = [(sign, evaluate(term, ctx)) for sign, term in expr.terms]
+    layouts = {v.layout for _, v in values}
+    if len(layouts) != 1:
+        raise NotExact("the branches are summed in different layouts")
+    layout = layouts.pop()
+    if any(isinstance(v, Diag) and v.pads is not None for _, v in values):
+        raise NotExact("a zero-padded branch is summed without a conv")
     if all(isinstance(v, Diag) for _, v in values):
-        return Diag(sum(s * v.scale for s, v in values), sum(s * v.shift for s, v in values))
+        return Diag(sum(s * v.scale for s, v in values), sum(s * v.shift for s, v in values), layout)
     convs = [v for _, v in values if isinstance(v, ConvMap)]
     out_channels = {c.out_channels for c in convs}
     if len(out_channels) != 1:
@@ -215,21 +314,15 @@ def _evaluate_sum(expr: Sum, ctx: Context):
         kernel = kernels.dilate_kernel(kernel, factors)
         total += kernels.place_kernel(kernel, offsets, size)
         bias += m.bias
-    return ConvMap(total, bias, alignment.geometry, group)
+    return ConvMap(total, bias, alignment.geometry, group, layout)
 
 
 def cut(expr: Expr, tensor: str) -> Expr:
     """The tree with the sub-expression that computes `tensor` replaced by a Leaf."""
     if expr.tensor == tensor and not isinstance(expr, (Leaf, Shared)):
         return Leaf(tensor, reason="")
-    if isinstance(expr, Affine):
-        return Affine(expr.tensor, expr.nodes, input=cut(expr.input, tensor), scale=expr.scale, shift=expr.shift,
-                      kind=expr.kind, problem=expr.problem, on_channels=expr.on_channels)
-    if isinstance(expr, Conv):
-        return Conv(expr.tensor, expr.nodes, input=cut(expr.input, tensor), weight=expr.weight, bias=expr.bias,
-                    attrs=expr.attrs, problem=expr.problem)
     if isinstance(expr, Sum):
-        return Sum(expr.tensor, expr.nodes, terms=[(s, cut(t, tensor)) for s, t in expr.terms])
-    if isinstance(expr, Shared):
-        return Shared(expr.tensor, expr.nodes, input=cut(expr.input, tensor), reason=expr.reason)
+        return replace(expr, terms=[(s, cut(t, tensor)) for s, t in expr.terms])
+    if getattr(expr, "input", None) is not None:
+        return replace(expr, input=cut(expr.input, tensor))
     return expr

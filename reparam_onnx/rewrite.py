@@ -17,11 +17,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex, reads
-from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate
+from .graph import GraphIndex, reads, unique_name
+from .layout import cancel_transposes
+from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
-from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Shared, Sum, Walker, block_nodes, walk_expr
+from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Shared, Sum, Walker, block_exprs, block_nodes, walk_expr
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                onnx.TensorProto.DOUBLE: np.float64}
@@ -34,6 +35,7 @@ class Decision:
     expr: Expr                       # the part of the graph the decision is about
     value: Optional[ConvMap] = None  # the fused conv, when fused
     dtype: Optional[type] = None
+    ctx: Optional[Context] = None
 
 
 def op_counts(graph: onnx.GraphProto) -> Dict[str, int]:
@@ -119,7 +121,8 @@ class Fuser:
             if decision is None:
                 continue
             out.append(decision)
-            nodes = block_nodes(decision.expr) if decision.report.fused else _top_nodes(decision.expr)
+            nodes = block_nodes(decision.expr, decision.report.input) if decision.report.fused \
+                else _top_nodes(decision.expr)
             claimed.update(id(n) for n in nodes)
         return out
 
@@ -128,8 +131,8 @@ class Fuser:
         if source is None:
             return None
         ctx, problem = self.context(expr, source)
-        value, reason = None, problem
-        if problem is None:
+        value, reason = None, problem or self.exclusivity(expr, source)
+        if reason is None:
             try:
                 value = evaluate(expr, ctx)
             except NotExact as exc:
@@ -147,25 +150,28 @@ class Fuser:
                     if decision is not None and decision.report.fused:
                         return decision
                 return self._decision(expr, source, None, f"no enabled rule accepts {shape.describe()}", shape)
-            return self._check_dtype(self._decision(expr, source, rule.name, None, shape, value))
+            decision = self._decision(expr, source, rule.name, None, shape, value)
+            decision.ctx = ctx
+            return self._check_dtype(decision)
         shape = _safe_shape(expr, ctx)
         return self._decision(expr, source, None, reason, shape)
 
     def _retry_chain(self, expr: Expr, source: str) -> Optional[Decision]:
         """A Conv→BN chain that is not exact from `source` may be from the outermost conv's input."""
-        if any(isinstance(e, Sum) for e in walk_expr(expr)):
+        exprs = block_exprs(expr, source)
+        if any(isinstance(e, Sum) for e in exprs):
             return None
-        conv = next((e for e in walk_expr(expr) if isinstance(e, Conv)), None)
+        conv = next((e for e in exprs if isinstance(e, Conv)), None)
         if conv is None or conv.input.tensor == source or isinstance(conv.input, (Leaf, Shared)):
             return None
         decision = self.decide(cut(expr, conv.input.tensor))
         return decision if decision is not None and decision.report.fused else None
 
     def context(self, expr: Expr, source: str) -> Tuple[Optional[Context], Optional[str]]:
-        convs = [e for e in walk_expr(expr) if isinstance(e, Conv) and e.weight is not None]
+        all_convs = [e for e in block_exprs(expr, source) if isinstance(e, Conv)]
+        convs = [c for c in all_convs if c.weight is not None]
         if not convs:
-            problem = next(e.problem for e in walk_expr(expr) if isinstance(e, Conv))
-            return None, problem
+            return None, next((c.problem for c in all_convs), "the block has no conv")
         ranks = {c.weight.ndim - 2 for c in convs}
         if len(ranks) != 1:
             return None, "branches are convolutions of different spatial ranks"
@@ -173,18 +179,40 @@ class Fuser:
         dims, dtype = self.shapes.get(source, (None, None))
         if dtype is not None and np.dtype(dtype) not in (np.float32, np.float16, np.float64):
             return None, f"the block input has dtype {np.dtype(dtype).name}; only float16/32/64 are fused"
-        channels = dims[1] if dims is not None and len(dims) == rank + 2 else None
+        try:
+            layout = source_layout(expr, source, rank)
+        except NotExact as exc:
+            return None, str(exc)
+        canonical = None
+        if dims is not None and len(dims) == rank + 2:
+            canonical = [dims[layout.index(axis)] for axis in range(rank + 2)]
+        channels = canonical[1] if canonical is not None else None
         if channels is None:
             readers = [c for c in convs if c.input.tensor == source]
             if readers:
                 channels = readers[0].weight.shape[1] * readers[0].group
         if channels is None:
             return None, f"the channel count of '{source}' is unknown"
-        spatial = tuple(dims[2:]) if dims is not None and len(dims) == rank + 2 else None
-        return Context(source, channels, rank, spatial), None
+        spatial = tuple(canonical[2:]) if canonical is not None else None
+        return Context(source, channels, rank, spatial, layout), None
+
+    def exclusivity(self, expr: Expr, source: str) -> Optional[str]:
+        """Every tensor inside the block is read only inside it and is not a graph output."""
+        nodes = block_nodes(expr, source)
+        inside = {id(n) for n in nodes}
+        for node in nodes:
+            for tensor in node.output:
+                if not tensor or tensor == expr.tensor:
+                    continue
+                if tensor in self.index.outputs:
+                    return f"'{tensor}' inside the block is a graph output"
+                for consumer in self.index.consumers.get(tensor, ()):
+                    if id(consumer) not in inside:
+                        return f"'{tensor}' inside the block is also read by '{consumer.name or consumer.op_type}'"
+        return None
 
     def _decision(self, expr, source, rule, reason, shape, value=None) -> Decision:
-        nodes = block_nodes(expr) if reason is None else _top_nodes(expr) or block_nodes(expr)
+        nodes = block_nodes(expr, source) if reason is None else _top_nodes(expr) or block_nodes(expr, source)
         kernel = list(value.geometry.kernel) if value is not None else None
         report = BlockReport(output=expr.tensor, input=source, fused=reason is None and rule is not None, rule=rule,
                              reason=reason, nodes=[n.name for n in nodes],
@@ -193,7 +221,7 @@ class Fuser:
 
     def _check_dtype(self, decision: Decision) -> Decision:
         """Fused weights take the dtype of the block's conv weights; they must fit in it."""
-        convs = [e for e in walk_expr(decision.expr) if isinstance(e, Conv)]
+        convs = [e for e in block_exprs(decision.expr, decision.report.input) if isinstance(e, Conv)]
         dtypes = {np.dtype(c.weight.dtype) for c in convs}
         reason = None
         if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float16, np.float64):
@@ -218,22 +246,22 @@ class Fuser:
             return 0
         graph = self.graph
         names = _used_names(graph)
-        replace: Dict[int, onnx.NodeProto] = {}
+        replace: Dict[int, List[onnx.NodeProto]] = {}
         removed: Set[int] = set()
         dropped_inputs: List[str] = []
         for d in fused:
-            nodes = block_nodes(d.expr)
+            nodes = block_nodes(d.expr, d.report.input)
             root = self.index.producer[d.expr.tensor]
-            conv, inits = self._build_conv(d, root, names)
+            new_nodes, inits = self._build_conv(d, root, names)
             graph.initializer.extend(inits)
             removed.update(id(n) for n in nodes)
-            replace[id(root)] = conv
+            replace[id(root)] = new_nodes
             dropped_inputs.extend(i for n in nodes for i in n.input if i)
             d.report.nodes = [n.name for n in nodes]
         kept = []
         for node in graph.node:
             if id(node) in replace:
-                kept.append(replace[id(node)])
+                kept.extend(replace[id(node)])
             elif id(node) not in removed:
                 kept.append(node)
         _remove_dead(graph, kept, dropped_inputs, self.index.initializers_are_constant)
@@ -242,17 +270,29 @@ class Fuser:
     def _build_conv(self, d: Decision, root: onnx.NodeProto, names: Set[str]):
         value, dtype = d.value, d.dtype
         base = root.name or d.expr.tensor
-        node_name = _unique(f"{base}/reparam", names)
-        w_name = _unique(f"{base}/reparam.weight", names)
-        b_name = _unique(f"{base}/reparam.bias", names)
+        node_name = unique_name(f"{base}/reparam", names)
+        w_name = unique_name(f"{base}/reparam.weight", names)
+        b_name = unique_name(f"{base}/reparam.bias", names)
         g = value.geometry
         weight = numpy_helper.from_array(value.kernel.astype(dtype), w_name)
         bias = numpy_helper.from_array(value.bias.astype(dtype), b_name)
-        node = onnx.helper.make_node(
-            "Conv", [d.report.input, w_name, b_name], [d.expr.tensor], name=node_name,
+        source, output = d.report.input, d.expr.tensor
+        canonical = tuple(range(g.rank + 2))
+        nodes = []
+        if d.ctx.layout != canonical:   # the block input is not (N, C, ...): lay it out for the conv
+            to_canonical = unique_name(f"{base}/reparam.input", names)
+            nodes.append(onnx.helper.make_node("Transpose", [source], [to_canonical], name=to_canonical,
+                                               perm=list(inverse(d.ctx.layout))))
+            source = to_canonical
+        conv_out = output if value.layout == canonical else unique_name(f"{base}/reparam.output", names)
+        nodes.append(onnx.helper.make_node(
+            "Conv", [source, w_name, b_name], [conv_out], name=node_name,
             kernel_shape=list(g.kernel), strides=list(g.strides), pads=list(g.pads_begin + g.pads_end),
-            dilations=list(g.dilations), group=value.group)
-        return node, [weight, bias]
+            dilations=list(g.dilations), group=value.group))
+        if value.layout != canonical:   # and give the output the layout the graph had
+            nodes.append(onnx.helper.make_node("Transpose", [conv_out], [output], name=unique_name(f"{base}/reparam.transpose", names),
+                                               perm=list(value.layout)))
+        return nodes, [weight, bias]
 
 
 def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
@@ -293,15 +333,6 @@ def _used_names(graph: onnx.GraphProto) -> Set[str]:
         names.update(node.input)
         names.update(node.output)
     return names
-
-
-def _unique(name: str, used: Set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{name}_{n}"
-    used.add(candidate)
-    return candidate
 
 
 def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates: List[str],
@@ -352,18 +383,33 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
 
 
 def fuse_graph(model: onnx.ModelProto, rules: Sequence[Rule], initializers_as_constants: bool = False,
-               external_base: Optional[str] = None, write: bool = True) -> List[BlockReport]:
-    """Fuse in place, pass after pass until nothing changes; returns every block decided.
+               external_base: Optional[str] = None, write: bool = True) -> Tuple[List[BlockReport], List[str]]:
+    """Fuse in place, pass after pass until nothing changes; returns every block decided, and notes.
 
-    With write=False the model is analysed only (one pass, nothing replaced).
+    With write=False the model is analysed only (one pass, nothing replaced). After fusing,
+    pairs of inverse Transposes left around the fused blocks are cancelled.
     """
     reports: Dict[str, BlockReport] = {}
+    fused = 0
     for _ in range(MAX_PASSES):
         fuser = Fuser(model, rules, initializers_as_constants, external_base)
         decisions = fuser.decisions()
         for d in reversed(decisions):  # graph order
             reports.pop(d.report.output, None)
             reports[d.report.output] = d.report
-        if not write or not fuser.apply(decisions):
+        changed = fuser.apply(decisions) if write else 0
+        fused += changed
+        if not changed:
             break
-    return list(reports.values())
+    notes = []
+    if fused:
+        pairs = 0
+        for _ in range(MAX_PASSES):
+            index = GraphIndex(model.graph, static_shapes(model), default_opset(model), initializers_as_constants)
+            done = cancel_transposes(model, index)
+            pairs += done
+            if not done:
+                break
+        if pairs:
+            notes.append(f"cancelled {pairs} pair(s) of inverse Transposes around fused blocks")
+    return list(reports.values()), notes

@@ -18,7 +18,7 @@ else:  # pragma: no cover
 
 from .linear import Context
 from .linear import top_terms
-from .terms import Affine, Conv, Expr, Leaf, Shared, Sum
+from .terms import Affine, Conv, Expr, Pad, Shared, Transpose
 
 TERM_KINDS = ("conv", "identity")
 KERNELS = ("any", "1x1", "square", "1xk", "kx1")
@@ -124,23 +124,24 @@ class BlockShape:
         return text + "".join(f" → {p}" for p in self.post)
 
 
-def _strip_affine(expr: Expr):
-    """Affine layers on top of expr (no-ops dropped) and the expression below them."""
+def _strip_affine(expr: Expr, source: str):
+    """Affine layers on top of expr (no-ops, layout changes, padding and shared tensors inside
+    the block are looked through) and the expression below them."""
     kinds = []
-    while isinstance(expr, Affine):
-        if expr.kind != "noop":
+    while isinstance(expr, (Affine, Transpose, Pad, Shared)) and expr.tensor != source:
+        if isinstance(expr, Affine) and expr.kind != "noop":
             kinds.append(expr.kind)
         expr = expr.input
     return kinds, expr
 
 
 def _term_shape(expr: Expr, ctx: Context) -> TermShape:
-    kinds, core = _strip_affine(expr)
-    if isinstance(core, (Leaf, Shared)) and core.tensor == ctx.source:
+    kinds, core = _strip_affine(expr, ctx.source)
+    if core.tensor == ctx.source:
         return TermShape("identity", bn=bool(kinds))
     if isinstance(core, Conv) and core.weight is not None:
-        _, below = _strip_affine(core.input)
-        kind = "conv" if isinstance(below, (Leaf, Shared)) and below.tensor == ctx.source else "conv_chain"
+        _, below = _strip_affine(core.input, ctx.source)
+        kind = "conv" if below.tensor == ctx.source else "conv_chain"
         return TermShape(kind, tuple(core.weight.shape[2:]), core.group, bn=bool(kinds))
     if isinstance(core, Conv):
         return TermShape("conv with non-constant weight")
@@ -150,7 +151,7 @@ def _term_shape(expr: Expr, ctx: Context) -> TermShape:
 def block_shape(expr: Expr, ctx: Context) -> BlockShape:
     terms, has_sum = top_terms(expr)
     shapes = tuple(_term_shape(t, ctx) for t in terms)
-    post = tuple(reversed(_strip_affine(expr)[0])) if has_sum else ()
+    post = tuple(reversed(_strip_affine(expr, ctx.source)[0])) if has_sum else ()
     groups = {t.group for t in shapes if t.kind == "conv"}
     if groups == {1}:
         kind = "1"

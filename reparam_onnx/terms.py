@@ -79,6 +79,27 @@ class Conv(Expr):
 
 
 @dataclass
+class Transpose(Expr):
+    """A layout change: output axis i is input axis perm[i]."""
+    input: Expr = None
+    perm: tuple = ()
+
+    def children(self):
+        return [self.input]
+
+
+@dataclass
+class Pad(Expr):
+    """Zero padding: pads[i] = (begin, end) for every axis of the tensor as it is laid out."""
+    input: Expr = None
+    pads: tuple = ()
+    problem: Optional[str] = None
+
+    def children(self):
+        return [self.input]
+
+
+@dataclass
 class Sum(Expr):
     terms: List[Tuple[float, Expr]] = field(default_factory=list)   # (sign, term)
 
@@ -100,10 +121,26 @@ def walk_expr(expr: Expr, below_shared: bool = True) -> Iterator[Expr]:
             stack.extend(reversed(e.children()))
 
 
-def block_nodes(expr: Expr) -> List[onnx.NodeProto]:
-    """The ONNX nodes of a block, each once (shared tensors are the block's input, not part of it)."""
+def block_exprs(expr: Expr, source: Optional[str] = None) -> List[Expr]:
+    """The expressions between the block input `source` and the output, each once, parents first.
+
+    Without a source: down to the first shared tensors."""
+    out, done = [], set()
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if id(e) in done or (isinstance(e, (Leaf, Shared)) and (source is None or e.tensor == source)):
+            continue
+        done.add(id(e))
+        out.append(e)
+        stack.extend(reversed(e.children()))
+    return out
+
+
+def block_nodes(expr: Expr, source: Optional[str] = None) -> List[onnx.NodeProto]:
+    """The ONNX nodes between the block input `source` and the output, each once."""
     out, seen = [], set()
-    for e in walk_expr(expr, below_shared=False):
+    for e in block_exprs(expr, source):
         for n in e.nodes:
             if id(n) not in seen:
                 seen.add(id(n))
@@ -258,7 +295,60 @@ def _conv(w: Walker, node, tensor, depth):
                 attrs=attributes(node), problem=problem)
 
 
+def _transpose(w: Walker, node, tensor, depth):
+    perm = attributes(node).get("perm")
+    if perm is None:
+        dims = w.index.shapes.get(node.input[0], (None, None))[0]
+        if dims is None:
+            return None
+        perm = list(reversed(range(len(dims))))
+    return Transpose(tensor, [node], input=w.input(node.input[0], depth), perm=tuple(int(p) for p in perm))
+
+
+def _pad(w: Walker, node, tensor, depth):
+    """Pad with zeros (mode constant, value 0); other modes are not a conv's zero padding."""
+    attrs = attributes(node)
+    mode = attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if w.index.opset < 11:
+        pads, value, axes = attrs.get("pads"), attrs.get("value", 0.0), None
+    else:
+        pads = w.const(node.input[1]) if len(node.input) > 1 else None
+        value = w.const(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
+        axes = w.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    problem = None
+    if mode != "constant":
+        problem = f"Pad '{node.name}' uses mode {mode}, not zero padding"
+    elif pads is None or value is None or (len(node.input) > 3 and node.input[3] and axes is None):
+        problem = f"Pad '{node.name}' has non-constant pads"
+    elif np.any(np.asarray(value) != 0):
+        problem = f"Pad '{node.name}' pads with {float(np.asarray(value).reshape(-1)[0])}, not zero"
+    per_axis = ()
+    if problem is None:
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        half = len(pads) // 2
+        rank = len(w.index.shapes.get(node.input[0], ((None,) * half, None))[0] or (None,) * half)
+        axes = list(range(half)) if axes is None else [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+        full = {a: (pads[i], pads[i + half]) for i, a in enumerate(axes)}
+        per_axis = tuple(full.get(a, (0, 0)) for a in range(rank))
+        if any(p < 0 for pair in per_axis for p in pair):
+            problem = f"Pad '{node.name}' crops (negative pads)"
+    return Pad(tensor, [node], input=w.input(node.input[0], depth), pads=per_axis, problem=problem)
+
+
+def _cast(w: Walker, node, tensor, depth):
+    """A Cast to the dtype the tensor already has is a no-op."""
+    to = attributes(node).get("to")
+    dtype = w.index.shapes.get(node.input[0], (None, None))[1]
+    if dtype is None or onnx.helper.tensor_dtype_to_np_dtype(to) != np.dtype(dtype):
+        return None
+    return Affine(tensor, [node], input=w.input(node.input[0], depth), kind="noop")
+
+
 HANDLERS: Dict[str, Handler] = {
+    "Transpose": _transpose,
+    "Pad": _pad,
+    "Cast": _cast,
     "Identity": _identity,
     "BatchNormalization": _batchnorm,
     "Add": _binary,
