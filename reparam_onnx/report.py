@@ -31,7 +31,8 @@ class Verification:
     message: str = ""
     tolerance: Dict[str, float] = field(default_factory=dict)     # rtol, atol
     errors: Dict[str, float] = field(default_factory=dict)        # tensor -> max|Δ|/max|ref|
-    inputs: Dict[str, List[int]] = field(default_factory=dict)    # the concrete input shapes used
+    inputs: Dict[str, List[int]] = field(default_factory=dict)    # the concrete input shapes of the first run
+    runs: int = 0                                                 # input sets compared (odd and even sizes)
 
     @property
     def worst(self) -> Optional[float]:
@@ -93,7 +94,8 @@ class Report:
                 worst = f"{v.worst:.2e}" if v.worst is not None else "n/a"
                 status = "passed" if v.passed else "FAILED"
                 lines.append(f"verification: {status}, worst max|Δ|/max|ref| = {worst} "
-                             f"(rtol {v.tolerance.get('rtol'):.0e}) over {len(v.errors)} tensor(s)")
+                             f"(rtol {v.tolerance.get('rtol'):.0e}) over {len(v.errors)} tensor(s)"
+                             + (f", {v.runs} input sizes" if v.runs > 1 else ""))
                 if not v.passed:
                     for name, err in sorted(v.errors.items(), key=lambda kv: -kv[1])[:10]:
                         lines.append(f"  {name}: {err:.3e}")

@@ -101,3 +101,16 @@ def test_reflect_pad_is_not_zero_padding():
     model = b.model(y)
     result = fuse_with_report(model)
     assert any("reflect" in (bl.reason or "") for bl in result.report.blocks)
+
+
+def test_dynamic_spatial_is_verified_at_odd_and_even_sizes():
+    b = Builder(seed=9)
+    x = b.input(["N", "H", "W", 4])
+    y = b.node("Relu", [nhwc_block(b, x, 4, 4, stride=2)])
+    model = b.model(y)
+    result = fuse_with_report(model)
+    assert result.report.verification.runs == 2 and result.report.verification.passed
+    for size in (9, 10):
+        feeds = {"x": np.random.default_rng(size).standard_normal((1, size, size + 3, 4)).astype(np.float32)}
+        from conftest import assert_equivalent
+        assert_equivalent(model, result.model, feeds)
