@@ -104,7 +104,13 @@ def top_terms(expr: Expr) -> Tuple[List[Expr], bool]:
     if not isinstance(core, Sum):
         return [expr], False
     def flatten(s: Sum) -> List[Expr]:
-        return [x for _, t in s.terms for x in (flatten(t) if isinstance(t, Sum) else [t])]
+        out = []
+        for _, term in s.terms:
+            inner = term
+            while isinstance(inner, Affine) and inner.kind == "noop":   # Identity between Adds
+                inner = inner.input
+            out.extend(flatten(inner) if isinstance(inner, Sum) else [term])
+        return out
     return flatten(core), True
 
 
@@ -147,7 +153,16 @@ def choose_source(expr: Expr) -> Optional[str]:
     best = min(through_conv, key=lambda t: (-count[t], depth[t], t))
     if has_sum:
         return best if count[best] >= 2 else None
-    return best if isinstance(expr, Affine) else None
+    return best if _affine_above_conv(expr) else None
+
+
+def _affine_above_conv(expr: Expr) -> bool:
+    """A chain is a block when a real (not no-op) affine op follows its conv."""
+    seen_affine = False
+    while isinstance(expr, (Affine, Transpose, Shared)):
+        seen_affine = seen_affine or (isinstance(expr, Affine) and expr.kind != "noop")
+        expr = expr.input
+    return seen_affine and isinstance(expr, Conv)
 
 
 def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool, axis: int = 1) -> np.ndarray:

@@ -349,8 +349,10 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
         uses.update(reads([node]))
     dead_nodes: Set[int] = set()
     pending = list(candidates)
+    visited = set(candidates)
     while pending:
         name = pending.pop()
+        visited.add(name)
         node = producer.get(name)
         if node is None or id(node) in dead_nodes:
             continue
@@ -364,7 +366,7 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
     live = reads(final) | outputs
     graph_inputs = {i.name for i in graph.input}
     initializers = {t.name for t in graph.initializer}
-    dead_inits = {name for name in candidates if name not in live and name in initializers
+    dead_inits = {name for name in visited if name not in live and name in initializers
                   and (drop_inputs or name not in graph_inputs)}
     for i in reversed(range(len(graph.input))):
         if graph.input[i].name in dead_inits:

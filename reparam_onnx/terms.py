@@ -361,4 +361,4 @@ HANDLERS: Dict[str, Handler] = {
 }
 
 # Ops that can end a block: the walk starts from their outputs.
-ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg"})
+ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity"})

@@ -1,0 +1,61 @@
+"""Real TensorFlow/Keras, PaddlePaddle and JAX exports (fixtures/{tf,paddle,jax}, made by
+fixtures/export_*.py) fuse to one Conv per block, exact against the framework's own output."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, max_rel_error, run_model
+from reparam_onnx import fuse_with_report
+
+FRAMEWORKS = ("tf", "paddle", "jax")
+
+
+def _cases():
+    for fw in FRAMEWORKS:
+        path = FIXTURES / fw / "manifest.json"
+        if not path.exists():
+            continue
+        entries = json.loads(path.read_text())["fixtures"]
+        if isinstance(entries, dict):
+            entries = [dict(e, file=e.get("file", k if k.endswith(".onnx") else f"{k}.onnx"))
+                       for k, e in entries.items()]
+        for entry in entries:
+            yield pytest.param(fw, entry, id=f"{fw}/{entry['file']}")
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("framework,entry", CASES)
+def test_export_fuses_exactly(framework, entry):
+    folder = FIXTURES / framework
+    path = folder / entry["file"]
+    result = fuse_with_report(str(path))
+    counts = Counter(n.op_type for n in result.model.graph.node)
+    for op, n in entry["expected_fused_op_counts"].items():
+        assert counts.get(op, 0) == n, f"{op}: {counts.get(op, 0)} != {n} in {dict(counts)}"
+    assert not set(counts) & {"Add", "Sub", "Mul", "Div", "BatchNormalization", "Pad"}, dict(counts)
+    assert len(result.report.fused) == entry["blocks"]
+    assert result.report.verification.passed
+
+    io = np.load(folder / entry["file"].replace(".onnx", ".io.npz"))
+    feeds = {result.model.graph.input[0].name: io["input"]}
+    (out,) = run_model(result.model, feeds).values()
+    assert max_rel_error(io["output"], out) <= 1e-5
+
+
+def test_every_framework_has_fixtures():
+    assert {c.values[0] for c in CASES} == set(FRAMEWORKS)
+
+
+@pytest.mark.parametrize("framework,entry", CASES[:1] + [c for c in CASES if "noopt" in c.id][:1])
+def test_fused_export_fuses_to_itself(framework, entry):
+    """Idempotent on a real export: the fused model has nothing left to fuse."""
+    first = fuse_with_report(str(FIXTURES / framework / entry["file"])).model
+    again = fuse_with_report(first)
+    assert not again.report.fused
+    assert again.model.SerializeToString() == first.SerializeToString()
