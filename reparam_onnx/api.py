@@ -11,7 +11,7 @@ import onnx
 from . import io
 from .errors import InputError, VerificationError
 from .report import Report, Verification
-from .rewrite import FLOAT_TYPES, fuse_graph, op_counts, static_shapes
+from .rewrite import FuseOptions, fuse_graph, op_counts, static_shapes
 from .rulebook import RuleError, load_rules
 from .verify import compare
 
@@ -37,7 +37,8 @@ class FuseResult:
 def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[str] = (),
                      builtin_rules: bool = True, seed: int = 0, rtol: Optional[float] = None,
                      atol: float = 0.0, inputs: Optional[Dict[str, np.ndarray]] = None,
-                     initializers_as_constants: bool = False, write: bool = True) -> FuseResult:
+                     initializers_as_constants: bool = False, write: bool = True,
+                     check_blocks: bool = True) -> FuseResult:
     """Fuse every exact, wanted block and say what happened.
 
     `model` is a path or an onnx.ModelProto; a ModelProto is never modified. `rules`
@@ -45,6 +46,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     models (see verify.py) and VerificationError is raised, carrying the report, when
     they differ beyond rtol/atol or cannot be run. With write=False the model is only
     analysed: the report lists the blocks, and the returned model is the input.
+    With check_blocks=True (independent of `verify`) every block is first run alone against
+    its fused conv, and left unfused when they differ.
     """
     try:
         rulebook = load_rules(rules, builtin=builtin_rules)
@@ -61,8 +64,9 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         work.CopyFrom(original)
     else:
         work = original            # loaded here and not needed afterwards: edit in place, copy no weight
-    report.blocks, notes = fuse_graph(work, rulebook, initializers_as_constants,
-                                      str(folder) if folder else None, write=write)
+    options = FuseOptions(rulebook, initializers_as_constants, str(folder) if folder else None,
+                          check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol)
+    report.blocks, notes = fuse_graph(work, options, write=write)
     report.notes.extend(notes)
     fused_blocks = [b for b in report.blocks if b.fused]
     result_model = work if write and fused_blocks else original

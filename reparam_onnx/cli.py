@@ -56,6 +56,8 @@ def _load_inputs(path: Optional[str]):
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Where to write the fused model.")
 @click.option("--check", is_flag=True, help="Analyse only; exit 1 if fusable blocks remain, 0 if none.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison of input and output.")
+@click.option("--no-block-checks", is_flag=True,
+              help="Skip running each fused block alone against its conv before rewriting it.")
 @click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
 @click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=str),
               help="A folder of extra rule files (*.toml); repeatable.")
@@ -68,15 +70,13 @@ def _load_inputs(path: Optional[str]):
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="List every block.")
 @click.version_option(__version__, prog_name="reparam-onnx")
-def command(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, atol, inputs_path,
-            initializers_as_constants, quiet, verbose):
+def command(**options):
     """Fuse re-parameterizable blocks of MODEL (ONNX) into single Convs and write them to OUTPUT."""
-    sys.exit(run(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, atol, inputs_path,
-                 initializers_as_constants, quiet, verbose))
+    sys.exit(run(**options))
 
 
-def run(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, atol, inputs_path,
-        initializers_as_constants, quiet, verbose) -> int:
+def run(*, model, output, check, no_verify, no_block_checks, report_path, rule_dirs, seed, rtol, atol,
+        inputs_path, initializers_as_constants, quiet, verbose) -> int:
     report, error, code = None, None, EXIT_OK
     try:
         if not check and not output:
@@ -95,7 +95,8 @@ def run(model, output, check, no_verify, report_path, rule_dirs, seed, rtol, ato
             raise InputError(f"output folder '{Path(output).parent}' does not exist")
         result = fuse_with_report(model, verify=not no_verify, rules=rule_dirs, seed=seed, rtol=rtol, atol=atol,
                                   inputs=_load_inputs(inputs_path),
-                                  initializers_as_constants=initializers_as_constants)
+                                  initializers_as_constants=initializers_as_constants,
+                                  check_blocks=not no_block_checks)
         report = result.report
         if check:
             remaining = [b for b in report.blocks if b.fusable]

@@ -16,7 +16,8 @@ class BlockReport:
     nodes: List[str]                  # names of the nodes the block consists of (or replaced)
     shape: str = ""                   # e.g. "3x3 conv+bn + 1x1 conv+bn + identity+bn"
     kernel: Optional[List[int]] = None   # spatial size of the merged kernel
-    error: Optional[float] = None     # verification: max|Δ|/max|ref| of this block's output
+    error: Optional[float] = None     # whole-model verification: max|Δ|/max|ref| of this block's output
+    check: Optional[float] = None     # the block run alone against its fused conv: max|Δ|/max|ref|
 
     @property
     def fusable(self) -> bool:

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
+from .verify import check_block
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
@@ -94,17 +95,28 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+@dataclass
+class FuseOptions:
+    rules: Sequence[Rule]
+    initializers_as_constants: bool = False
+    external_base: Optional[str] = None
+    check_blocks: bool = True          # run each fused block alone in onnxruntime before rewriting it
+    seed: int = 0
+    rtol: Optional[float] = None
+    atol: float = 0.0
+
+
 class Fuser:
     """One pass over one graph."""
 
-    def __init__(self, model: onnx.ModelProto, rules: Sequence[Rule], initializers_as_constants: bool,
-                 external_base: Optional[str]):
+    def __init__(self, model: onnx.ModelProto, options: FuseOptions):
         self.model = model
         self.graph = model.graph
-        self.rules = rules
+        self.options = options
+        self.rules = options.rules
         self.shapes = static_shapes(model)
-        self.index = GraphIndex(self.graph, self.shapes, default_opset(model), initializers_as_constants,
-                                external_base)
+        self.index = GraphIndex(self.graph, self.shapes, default_opset(model), options.initializers_as_constants,
+                                options.external_base)
         self.walker = Walker(self.index)
 
     # ---------------------------------------------------------------- deciding
@@ -249,10 +261,15 @@ class Fuser:
         replace: Dict[int, List[onnx.NodeProto]] = {}
         removed: Set[int] = set()
         dropped_inputs: List[str] = []
+        order = {id(n): i for i, n in enumerate(graph.node)}
+        applied = 0
         for d in fused:
-            nodes = block_nodes(d.expr, d.report.input)
+            nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
             root = self.index.producer[d.expr.tensor]
             new_nodes, inits = self._build_conv(d, root, names)
+            if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, inits):
+                continue
+            applied += 1
             graph.initializer.extend(inits)
             removed.update(id(n) for n in nodes)
             replace[id(root)] = new_nodes
@@ -265,7 +282,28 @@ class Fuser:
             elif id(node) not in removed:
                 kept.append(node)
         _remove_dead(graph, kept, dropped_inputs, self.index.initializers_are_constant)
-        return len(fused)
+        return applied
+
+    def _check_alone(self, d: Decision, nodes, new_nodes, new_inits) -> bool:
+        """Run the block and its replacement alone on random inputs; unfuse the block when they differ."""
+        source, output = d.report.input, d.expr.tensor
+        produced = {o for n in nodes for o in n.output}
+        params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
+        try:
+            inits = [numpy_helper.from_array(np.asarray(self.index.value(name)), name) for name in sorted(params)]
+        except Exception as exc:  # a parameter that folded before must fold again; say so if not
+            d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
+            return False
+        dims, dtype = self.shapes.get(source, (None, None))
+        result = check_block(source, dims, dtype, output, (nodes, inits), (new_nodes, new_inits),
+                             self.model, self.options.seed, self.options.rtol, self.options.atol)
+        d.report.check = result.worst
+        if not result.passed:
+            d.report.fused = False
+            d.report.reason = (f"the block run alone differs from its fused conv: max|Δ|/max|ref| = "
+                               f"{result.worst:.2e} > rtol {result.tolerance['rtol']:.0e}"
+                               if result.ran else f"isolated check could not run: {result.message}")
+        return result.passed
 
     def _build_conv(self, d: Decision, root: onnx.NodeProto, names: Set[str]):
         value, dtype = d.value, d.dtype
@@ -384,8 +422,7 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
         graph.value_info.extend(infos)
 
 
-def fuse_graph(model: onnx.ModelProto, rules: Sequence[Rule], initializers_as_constants: bool = False,
-               external_base: Optional[str] = None, write: bool = True) -> Tuple[List[BlockReport], List[str]]:
+def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True) -> Tuple[List[BlockReport], List[str]]:
     """Fuse in place, pass after pass until nothing changes; returns every block decided, and notes.
 
     With write=False the model is analysed only (one pass, nothing replaced). After fusing,
@@ -394,12 +431,12 @@ def fuse_graph(model: onnx.ModelProto, rules: Sequence[Rule], initializers_as_co
     reports: Dict[str, BlockReport] = {}
     fused = 0
     for _ in range(MAX_PASSES):
-        fuser = Fuser(model, rules, initializers_as_constants, external_base)
+        fuser = Fuser(model, options)
         decisions = fuser.decisions()
+        changed = fuser.apply(decisions) if write else 0
         for d in reversed(decisions):  # graph order
             reports.pop(d.report.output, None)
             reports[d.report.output] = d.report
-        changed = fuser.apply(decisions) if write else 0
         fused += changed
         if not changed:
             break
@@ -407,7 +444,8 @@ def fuse_graph(model: onnx.ModelProto, rules: Sequence[Rule], initializers_as_co
     if fused:
         pairs = 0
         for _ in range(MAX_PASSES):
-            index = GraphIndex(model.graph, static_shapes(model), default_opset(model), initializers_as_constants)
+            index = GraphIndex(model.graph, static_shapes(model), default_opset(model),
+                               options.initializers_as_constants)
             done = cancel_transposes(model, index)
             pairs += done
             if not done:

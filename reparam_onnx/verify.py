@@ -138,3 +138,25 @@ def _within(reference, value, rtol, atol) -> bool:
     ref = np.asarray(reference, np.float64)
     delta = np.max(np.abs(ref - np.asarray(value, np.float64)), initial=0.0)
     return bool(delta <= atol + rtol * np.max(np.abs(ref), initial=0.0))
+
+
+def check_block(source: str, dims, dtype, output: str, original, fused, model: onnx.ModelProto,
+                seed: int = 0, rtol: Optional[float] = None, atol: float = 0.0) -> Verification:
+    """Run a block and its replacement alone, from `source` to `output`.
+
+    `original` and `fused` are (nodes, initializers). Inputs: the block input's static
+    shape; a dynamic first axis becomes 2, other dynamic axes an odd and an even size.
+    """
+    if dims is None or dtype is None:
+        return Verification(ran=False, passed=False, message=f"the shape of '{source}' is unknown")
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+    def build(nodes, inits):
+        graph = onnx.helper.make_graph(
+            list(nodes), "block", [onnx.helper.make_tensor_value_info(source, elem, list(dims))],
+            [onnx.helper.make_tensor_value_info(output, elem, None)], list(inits))
+        block = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+        block.ir_version = model.ir_version
+        return block
+
+    return compare(build(*original), build(*fused), [], {}, seed=seed, rtol=rtol, atol=atol)

@@ -324,10 +324,19 @@ def test_rtol_loose(model_path, outdir, tmp_path):
     assert json.loads(report.read_text())["verification"]["tolerance"]["rtol"] == 1e-3
 
 
+def test_rtol_too_tight_leaves_blocks_unfused(model_path, outdir, tmp_path, capfd):
+    """Each block is first run alone against its conv: past the tolerance it stays as it was."""
+    report = tmp_path / "r.json"
+    out = outdir / "f.onnx"
+    assert invoke([model_path, "-o", out, "--rtol", "1e-15", "--report", report]) == 0
+    (block,) = json.loads(report.read_text())["blocks"]
+    assert not block["fused"] and "run alone differs" in block["reason"] and block["check"] > 1e-15
+
+
 def test_rtol_too_tight_fails_verification(model_path, outdir, tmp_path, capfd):
     report = tmp_path / "r.json"
     out = outdir / "f.onnx"
-    assert invoke([model_path, "-o", out, "--rtol", "1e-15", "--report", report]) == 3
+    assert invoke([model_path, "-o", out, "--rtol", "1e-15", "--no-block-checks", "--report", report]) == 3
     captured = capfd.readouterr()
     line = one_error_line(captured.err)
     assert "verification failed" in line
