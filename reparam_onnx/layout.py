@@ -1,6 +1,6 @@
 """Cancel layout changes that undo each other.
 
-Before: Transpose(p) → e₁ → … → eₖ → Transpose(q), with q∘p the identity and every eᵢ
+Before: Transpose(p) → e₁ → … → eₖ → Transpose(q) (k ≥ 0), with q∘p the identity and every eᵢ
         element-wise (an activation, or Add/Sub/Mul/Div/PRelu with a constant operand),
         each intermediate tensor read once and not a graph output.
 After:  e₁ → … → eₖ on the untransposed tensor; constant operands are transposed by p⁻¹.
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphIndex, attributes, unique_name
+from .graph import GraphIndex, attributes, subgraph_reads, unique_name
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Gelu",
          "Softplus", "Softsign", "Identity", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Mish", "Clip", "Cast"}
@@ -40,6 +40,7 @@ def cancel_transposes(model: onnx.ModelProto, index: GraphIndex) -> int:
     new_inputs: Dict[int, Dict[int, str]] = {}
     new_inits: List[onnx.TensorProto] = []
     stale: Set[str] = set()
+    rename: Dict[str, str] = {}
     pairs = 0
     for first in graph.node:
         if first.op_type != "Transpose" or first.domain not in ("", "ai.onnx") or id(first) in removed:
@@ -66,9 +67,17 @@ def cancel_transposes(model: onnx.ModelProto, index: GraphIndex) -> int:
                 break
             chain.append((node, tensor))
             tensor = node.output[0]
-        if not chain:
-            continue   # nothing between two transposes is left to a plain Transpose∘Transpose pass
+        if chain is None:
+            continue
         last = node
+        if not chain:
+            # Transpose∘Transpose = identity: readers of the second read the first's input
+            if last.output[0] in index.outputs or any(subgraph_reads(c) for c in index.consumers[last.output[0]]):
+                continue
+            rename[last.output[0]] = first.input[0]
+            removed.update({id(first), id(last)} if index.fan_out(first.output[0]) == 1 else {id(last)})
+            pairs += 1
+            continue
         inverse = tuple(int(i) for i in np.argsort(p))
         for n, (op, fed) in enumerate(chain):
             inputs = new_inputs.setdefault(id(op), {})
@@ -96,6 +105,9 @@ def cancel_transposes(model: onnx.ModelProto, index: GraphIndex) -> int:
             continue
         for pos, name in new_inputs.get(id(node), {}).items():
             node.input[pos] = name
+        for pos, name in enumerate(node.input):
+            if name in rename:
+                node.input[pos] = rename[name]
         if id(node) in renamed_outputs:
             node.output[0] = renamed_outputs[id(node)]
         kept.append(node)

@@ -114,3 +114,16 @@ def test_dynamic_spatial_is_verified_at_odd_and_even_sizes():
         feeds = {"x": np.random.default_rng(size).standard_normal((1, size, size + 3, 4)).astype(np.float32)}
         from conftest import assert_equivalent
         assert_equivalent(model, result.model, feeds)
+
+
+def test_transpose_pair_without_ops_between_cancels():
+    """tf2onnx sometimes lays a block input out NHWC for an identity Mul and back for the convs."""
+    b = Builder(seed=10)
+    x = b.input([1, 4, 9, 7])
+    r = b.node("Relu", [b.conv(x, 4, 4, (1, 1))])
+    nhwc = b.node("Transpose", [r], perm=TO_NHWC)
+    ident = b.node("Transpose", [b.node("Mul", [nhwc, b.const(np.random.default_rng(0).uniform(.5, 2, 4))])],
+                   perm=TO_NCHW)
+    back = b.node("Transpose", [nhwc], perm=TO_NCHW)
+    y = b.add(b.conv(back, 4, 4, (3, 3), pads=(1,) * 4), b.conv(back, 4, 4, (1, 1)), ident)
+    fuse_and_check(b.model(b.node("Relu", [y])), {"Conv": 2, "Add": 0, "Mul": 0, "Transpose": 0})
