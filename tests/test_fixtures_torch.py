@@ -64,3 +64,12 @@ def test_external_data_export_writes_external_data(tmp_path):
     assert (tmp_path / "deploy.onnx.data").is_file()
     reloaded = onnx.load(str(out))
     assert _counts(reloaded) == MANIFEST["families"]["repvgg"]["expected_fused_op_counts"]
+
+
+@pytest.mark.parametrize("family", sorted(MANIFEST["families"]))
+def test_native_deploy_export_is_untouched(family):
+    """PyTorch's own re-parameterized export has nothing to fuse and comes out byte-identical."""
+    path = TORCH / f"{family}.deploy.onnx"
+    result = fuse_with_report(str(path))
+    assert not result.report.fused
+    assert result.model.SerializeToString() == onnx.load(str(path)).SerializeToString()
