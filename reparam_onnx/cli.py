@@ -54,6 +54,7 @@ def _load_inputs(path: Optional[str]):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("-o", "--output", type=click.Path(path_type=str), help="Where to write the fused model.")
+@click.option("--in-place", is_flag=True, help="Replace MODEL (and its external data) with the fused model.")
 @click.option("--check", is_flag=True, help="Analyse only; exit 1 if fusable blocks remain, 0 if none.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison of input and output.")
 @click.option("--no-block-checks", is_flag=True,
@@ -75,14 +76,20 @@ def command(**options):
     sys.exit(run(**options))
 
 
-def run(*, model, output, check, no_verify, no_block_checks, report_path, rule_dirs, seed, rtol, atol,
+def run(*, model, output, in_place, check, no_verify, no_block_checks, report_path, rule_dirs, seed, rtol, atol,
         inputs_path, initializers_as_constants, quiet, verbose) -> int:
     report, error, code = None, None, EXIT_OK
     try:
+        if in_place:
+            if output and not io.same_file(model, output):
+                raise InputError("--in-place writes to the input; do not give another -o/--output")
+            if check:
+                raise InputError("--check writes nothing; it does not go with --in-place")
+            output = model
         if not check and not output:
-            raise InputError("missing -o/--output (or use --check)")
-        if output and io.same_file(model, output):
-            raise InputError("the output path is the input path; choose another output")
+            raise InputError("missing -o/--output (or use --check, or --in-place)")
+        if output and io.same_file(model, output) and not in_place:
+            raise InputError("the output path is the input path; choose another output or give --in-place")
         if report_path and (io.same_file(model, report_path) or (output and os.path.abspath(report_path)
                                                                 == os.path.abspath(output))):
             report_path = None  # never write the report over what it is about
@@ -102,7 +109,11 @@ def run(*, model, output, check, no_verify, no_block_checks, report_path, rule_d
             remaining = [b for b in report.blocks if b.fusable]
             code = EXIT_CHECK if remaining else EXIT_OK
         elif output:
-            io.save(result.model, output, external=result.external_data, protect=[model] + result.data_files)
+            if in_place:
+                io.save(result.model, output, external=result.external_data, protect=result.data_files,
+                        replaces=result.data_files)
+            else:
+                io.save(result.model, output, external=result.external_data, protect=[model] + result.data_files)
         if not quiet:
             click.echo(report.to_text(verbose=verbose, dry_run=check))
             if check:

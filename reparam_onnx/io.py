@@ -86,10 +86,16 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
             raise InputError(f"external data '{location}' of '{tensor.name}' is outside the model's folder; "
                              f"copy it next to the model")
         full = folder / target
-        if full.is_symlink() or not full.resolve().is_relative_to(root):
-            raise InputError(f"external data '{location}' is a symlink; copy the file next to the model")
-        if not full.is_file():
+        if not full.exists() and not full.is_symlink():
             raise InputError(f"external data file '{location}' of '{tensor.name}' is missing")
+        if full.is_symlink() or not full.resolve().is_relative_to(root):
+            raise InputError(f"external data '{location}' is a symlink; external data must be a regular file "
+                             f"inside the model's folder: copy the file next to the model")
+        if not full.is_file():
+            raise InputError(f"external data '{location}' of '{tensor.name}' is not a regular file")
+        if full.stat().st_nlink > 1:
+            raise InputError(f"external data '{location}' is hard-linked; external data must be a regular file "
+                             f"inside the model's folder: copy the file next to the model")
         try:
             load_external_data_for_tensor(tensor, str(folder))
         except (OSError, ValueError) as exc:
@@ -102,12 +108,15 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
 
 
 def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False,
-         protect: Iterable[Union[str, os.PathLike]] = ()) -> None:
+         protect: Iterable[Union[str, os.PathLike]] = (), replaces: Iterable[Union[str, os.PathLike]] = ()) -> None:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
-    to '<output name>.data' next to the output. The model is modified to point there.
-    Neither file may be one of `protect` (the input model and its data files).
+    to a data file next to the output, named '<output>.data' (or '<output>.N.data' when
+    that name is protected or belongs to an unrelated file). The model is modified to point
+    there. No file in `protect` is written. Files in `replaces` (the data files of the model
+    being replaced, for --in-place) are removed once the new model is in place, unless the
+    new model uses them.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -115,15 +124,41 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool =
         raise InputError(f"output folder '{folder}' does not exist")
     if path.is_dir():
         raise InputError(f"output path '{path}' is a directory")
+    protect = list(protect)
+    if any(same_file(path, p) for p in protect):
+        raise InputError(f"writing '{path}' would overwrite the input model; choose another output name")
     external = external or model.ByteSize() >= TWO_GIB
-    data_path = path.with_name(path.name + ".data")
-    for target in [path] + ([data_path] if external else []):
-        if any(same_file(target, p) for p in protect):
-            raise InputError(f"writing '{target}' would overwrite the input model or its external data; "
-                             f"choose another output name")
+    data_path = None
     if external:
+        data_path = _data_path(path, protect)
         write_atomic(data_path, lambda f: _externalize(model, f, data_path.name))
     write_atomic(path, lambda f: f.write(model.SerializeToString()))
+    for old in replaces:
+        if data_path is None or not same_file(old, data_path):
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+
+
+def _data_path(path: Path, protect) -> Path:
+    """'<output>.data', or the first '<output>.N.data' that is neither protected nor an unrelated file."""
+    own = set()
+    if path.is_file():   # the data files of the output we are replacing may be overwritten
+        try:
+            previous = onnx.load(str(path), load_external_data=False)
+            from onnx.external_data_helper import ExternalDataInfo
+            own = {(path.parent / ExternalDataInfo(t).location).resolve() for t in previous.graph.initializer
+                   if t.data_location == onnx.TensorProto.EXTERNAL}
+        except Exception:  # not a model: nothing of it is ours
+            own = set()
+    for n in range(0, 1000):
+        candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
+        if any(same_file(candidate, p) for p in protect):
+            continue
+        if not candidate.exists() or candidate.resolve() in own:
+            return candidate
+    raise InputError(f"no free name for the external data of '{path}'")
 
 
 def _externalize(model: onnx.ModelProto, handle, location: str) -> None:

@@ -12,7 +12,6 @@ Per-channel constants are read on the axis where the layout puts C.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
-from .terms import Affine, Conv, Expr, Leaf, Pad, Shared, Sum, Transpose, block_exprs, walk_expr
+from .terms import Affine, Conv, Expr, Leaf, Pad, Shared, Sum, Transpose, block_exprs
 
 
 class NotExact(Exception):

@@ -7,7 +7,7 @@ allowed after the sum, and the kind of grouping. Unknown keys and values are err
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 

@@ -3,6 +3,8 @@ the equivalence assertion every fusing test uses."""
 from __future__ import annotations
 
 from collections import Counter
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -12,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from reparam_onnx import fuse_with_report
+from reparam_onnx import cli, fuse_with_report
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -176,6 +178,33 @@ def assert_untouched(model: onnx.ModelProto, reason: str, identical: bool = True
     else:
         assert_equivalent(model, result.model)
     return result
+
+
+# ---------------------------------------------------------------- the command line
+
+def invoke(args) -> int:
+    """cli.main in-process; the exit code."""
+    with pytest.raises(SystemExit) as info:
+        cli.main([str(a) for a in args])
+    code = info.value.code
+    return 0 if code is None else code
+
+
+def run_cli(args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reparam_onnx.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {lines}"
+    assert "Traceback" not in err
+    assert lines[0].startswith("reparam-onnx: error:"), lines[0]
+    return lines[0]
+
+
+def leftovers(folder: Path, keep=()) -> list:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
 @pytest.fixture

@@ -7,19 +7,16 @@ entry point and what a real process prints.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import Builder, assert_equivalent, repvgg_block
+from conftest import Builder, assert_equivalent, invoke, leftovers, one_error_line, repvgg_block, run_cli
 
 import reparam_onnx
-from reparam_onnx import api, cli
+from reparam_onnx import api
 from reparam_onnx.report import Verification
 
 SHAPE = ["N", 4, 8, 8]
@@ -60,31 +57,6 @@ def plain_model() -> onnx.ModelProto:
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save_model(model, str(path))
     return path
-
-
-def invoke(args) -> int:
-    """cli.main in-process; the exit code."""
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in args])
-    code = info.value.code
-    return 0 if code is None else code
-
-
-def run_cli(args, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "reparam_onnx.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines}"
-    assert "Traceback" not in err
-    assert lines[0].startswith("reparam-onnx: error:"), lines[0]
-    return lines[0]
-
-
-def leftovers(folder: Path, keep=()) -> list:
-    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper
 
 from conftest import Builder, assert_equivalent, assert_untouched, fuse_and_check, op_counts, repvgg_block

@@ -13,10 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import Builder, assert_equivalent, assert_untouched, fuse_and_check, repvgg_block
+from conftest import Builder, assert_equivalent, assert_untouched, fuse_and_check, invoke, repvgg_block
 
 from reparam_onnx import fuse, fuse_with_report
-from reparam_onnx import cli
 
 SHAPE = ["N", 4, 8, 8]
 
@@ -176,12 +175,6 @@ def test_deterministic_across_hash_seeds(tmp_path):
 
 # ---------------------------------------------------------------- external data
 
-def _run_cli(args) -> int:
-    with pytest.raises(SystemExit) as info:
-        cli.main([str(a) for a in args])
-    return info.value.code or 0
-
-
 def _folder_bytes(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
@@ -196,7 +189,7 @@ def test_external_data(tmp_path, monkeypatch, capfd):
     assert set(before) == {"m.onnx", "m.onnx.data"}
     monkeypatch.chdir(elsewhere)           # relative locations resolve against the model, not the cwd
     out = out_dir / "fused.onnx"
-    assert _run_cli([src_dir / "m.onnx", "-o", out, "-q"]) == 0
+    assert invoke([src_dir / "m.onnx", "-o", out, "-q"]) == 0
     assert capfd.readouterr().err == ""
     assert _folder_bytes(src_dir) == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["fused.onnx", "fused.onnx.data"]
@@ -216,7 +209,7 @@ def test_external_data_input_missing_data_file(tmp_path, capfd):
     (tmp_path / "m.onnx.data").unlink()
     out = tmp_path / "out"
     out.mkdir()
-    assert _run_cli([tmp_path / "m.onnx", "-o", out / "f.onnx"]) == 2
+    assert invoke([tmp_path / "m.onnx", "-o", out / "f.onnx"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "m.onnx.data" in err[0] and "missing" in err[0]
     assert list(out.iterdir()) == []
@@ -250,14 +243,14 @@ def test_graph_input_weights_cli(tmp_path, capfd):
     src = tmp_path / "m.onnx"
     onnx.save_model(weights_as_inputs(), str(src))
     report = tmp_path / "r.json"
-    assert _run_cli([src, "-o", tmp_path / "a.onnx", "--report", report, "-q"]) == 0
+    assert invoke([src, "-o", tmp_path / "a.onnx", "--report", report, "-q"]) == 0
     data = json.loads(report.read_text())
     assert data["summary"]["fused"] == 0
     assert any("graph input" in (b["reason"] or "") for b in data["blocks"])
     assert not data["notes"]
     assert (tmp_path / "a.onnx").read_bytes() == src.read_bytes()
 
-    assert _run_cli([src, "-o", tmp_path / "b.onnx", "--initializers-as-constants", "--report", report]) == 0
+    assert invoke([src, "-o", tmp_path / "b.onnx", "--initializers-as-constants", "--report", report]) == 0
     out = capfd.readouterr().out
     assert "note:" in out
     data = json.loads(report.read_text())
@@ -270,6 +263,24 @@ def test_output_data_file_does_not_clobber_input_data(tmp_path):
     onnx.save_model(two_block_model(), str(tmp_path / "a.onnx"), save_as_external_data=True,
                     location="b.onnx.data", size_threshold=0)
     before = _folder_bytes(tmp_path)
-    code = _run_cli([tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "-q"])
+    code = invoke([tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "-q"])
     assert {k: v for k, v in _folder_bytes(tmp_path).items() if k in before} == before
-    assert code == 2
+    assert code == 0
+    # '<output>.data' is the input's: the output's data takes the next free derived name
+    assert (tmp_path / "b.onnx.1.data").is_file()
+    assert_equivalent(onnx.load(str(tmp_path / "a.onnx")), onnx.load(str(tmp_path / "b.onnx")))
+
+
+def test_output_data_never_overwrites_an_unrelated_file(tmp_path):
+    onnx.save_model(two_block_model(), str(tmp_path / "a.onnx"), save_as_external_data=True,
+                    location="a.onnx.data", size_threshold=0)
+    (tmp_path / "b.onnx.data").write_bytes(b"somebody else's file")
+    assert invoke([tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "-q"]) == 0
+    assert (tmp_path / "b.onnx.data").read_bytes() == b"somebody else's file"
+    locations = {e.value for t in onnx.load(str(tmp_path / "b.onnx"), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"b.onnx.1.data"}
+    # the output's own data file is replaced when the output is written again
+    assert invoke([tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx", "b.onnx.1.data",
+                                                         "b.onnx.data"]

@@ -1,7 +1,6 @@
 """Exactness under attack: a wrong kernel is caught before it is written."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import Builder, assert_equivalent, repvgg_block
