@@ -18,6 +18,7 @@ from .report import Verification
 DEFAULT_RTOL = {np.dtype(np.float16): 1e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-9}
 BATCH = 2        # stands in for a dynamic batch dimension
 SPATIAL = 17     # stands in for other dynamic dimensions: odd on purpose
+MAX_INPUT_ELEMENTS = 1 << 28   # random inputs larger than this are not materialized
 
 
 def has_dynamic_spatial(model: onnx.ModelProto) -> bool:
@@ -41,6 +42,8 @@ def random_inputs(model: onnx.ModelProto, seed: int, spatial: int = SPATIAL) -> 
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (BATCH if i == 0 else spatial)
                 for i, d in enumerate(t.shape.dim)]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if int(np.prod(dims, dtype=np.float64)) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input '{info.name}' of shape {dims} is too large to verify; pass --inputs")
         if np.issubdtype(dtype, np.floating):
             feeds[info.name] = rng.standard_normal(dims).astype(dtype)
         else:
@@ -106,7 +109,10 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
         runs = [inputs]
     else:
         sizes = (SPATIAL, SPATIAL - 1) if has_dynamic_spatial(original) else (SPATIAL,)
-        runs = [random_inputs(original, seed, size) for size in sizes]
+        try:
+            runs = [random_inputs(original, seed, size) for size in sizes]
+        except ValueError as exc:
+            return Verification(ran=False, passed=False, message=str(exc))
     errors: Dict[str, float] = {}
     passed, tolerances = True, set()
     block_outputs = list(block_outputs)
