@@ -13,7 +13,8 @@ from .errors import InputError, VerificationError
 from .report import Report, Verification
 from .rewrite import FuseOptions, fuse_graph, op_counts, static_shapes
 from .rulebook import RuleError, load_rules
-from .verify import compare
+from . import validate
+from .verify import compare, too_large
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -54,7 +55,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     except RuleError as exc:
         raise InputError(str(exc)) from None
     original, folder, data_files = io.load(model)
-    io.check(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model")
+    validate.check_model(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model")
     report = Report(ops_before=op_counts(original.graph))
     if initializers_as_constants:
         report.notes.append("initializers listed as graph inputs were treated as constants (--initializers-as-constants)")
@@ -72,10 +73,15 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     result_model = work if write and fused_blocks else original
     report.ops_after = op_counts(result_model.graph)
     if verify and fused_blocks:
-        types = {name: _elem_type(dtype) for name, (_, dtype) in static_shapes(original).items() if dtype is not None}
+        shapes = static_shapes(original)
+        types = {name: _elem_type(dtype) for name, (_, dtype) in shapes.items() if dtype is not None}
+        huge = too_large(shapes)
         check_model = work if write else None
         if check_model is None:
             report.verification = Verification(ran=False, passed=True, message="analysis only")
+        elif huge:
+            report.verification = Verification(ran=False, passed=False, message=huge)
+            raise VerificationError(_failure(report.verification), report)
         else:
             produced = {o for n in check_model.graph.node for o in n.output}
             # a block output the layout pass folded away is checked through what it feeds

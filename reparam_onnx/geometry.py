@@ -69,6 +69,8 @@ def conv_geometry(attrs: dict, kernel_shape: Sequence[int], spatial: Optional[Se
         raise GeometryError("kernel_shape, strides or dilations do not match the weight's rank")
     if tuple(kernel) != tuple(kernel_shape):
         raise GeometryError(f"kernel_shape {list(kernel)} differs from the weight's {list(kernel_shape)}")
+    if min(kernel + strides + dilations, default=1) < 1:
+        raise GeometryError("kernel sizes, strides and dilations must be positive")
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()

@@ -1,6 +1,7 @@
 """A read-only index over an ONNX graph and a folder for constant parameter subgraphs."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Dict, List, Optional
 
@@ -160,7 +161,7 @@ def reads(nodes) -> set:
 
 
 def _check_size(dims, name):
-    if int(np.prod(dims, dtype=np.int64)) > MAX_FOLD_ELEMENTS:
+    if math.prod(int(d) for d in dims) > MAX_FOLD_ELEMENTS:   # Python ints: no overflow
         raise NotConstant(f"'{name}' is too large to fold ({list(dims)})")
 
 

@@ -42,33 +42,6 @@ def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelPr
     return model, path.parent, files
 
 
-def check(model: onnx.ModelProto, name: str = "the model") -> None:
-    """The structure the rewrite relies on, as an InputError naming the first problem.
-
-    Opset imports present and known; every node input defined before use (which also
-    rules out cycles). onnx's full checker is stricter than runtimes (it rejects graph
-    outputs without a shape, for one), so it is not used as the gate.
-    """
-    known = onnx.defs.onnx_opset_version()
-    default = [op.version for op in model.opset_import if op.domain in ("", "ai.onnx")]
-    if not default:
-        raise InputError(f"{name} has no opset import for the default ONNX domain")
-    if default[0] > known or default[0] < 1:
-        raise InputError(f"{name} uses opset {default[0]}; this onnx {onnx.__version__} knows up to {known}")
-    graph = model.graph
-    defined = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {""}
-    for node in graph.node:
-        for inp in node.input:
-            if inp not in defined:
-                later = any(inp in n.output for n in graph.node)
-                what = "is produced later (the graph has a cycle or is not sorted)" if later else "is not defined"
-                raise InputError(f"{name} is not a valid ONNX model: input '{inp}' of node '{node.name}' {what}")
-        defined.update(node.output)
-    for out in graph.output:
-        if out.name not in defined:
-            raise InputError(f"{name} is not a valid ONNX model: graph output '{out.name}' is not produced")
-
-
 def _has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 

@@ -27,7 +27,8 @@ def _perm(node: onnx.NodeProto, index: GraphIndex) -> Optional[tuple]:
     if perm is None:
         dims = index.shapes.get(node.input[0], (None, None))[0]
         return tuple(reversed(range(len(dims)))) if dims is not None else None
-    return tuple(int(p) for p in perm)
+    perm = tuple(int(p) for p in perm)
+    return perm if sorted(perm) == list(range(len(perm))) else None
 
 
 def cancel_transposes(model: onnx.ModelProto, index: GraphIndex) -> int:

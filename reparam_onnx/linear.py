@@ -102,15 +102,7 @@ def top_terms(expr: Expr) -> Tuple[List[Expr], bool]:
         core = core.input
     if not isinstance(core, Sum):
         return [expr], False
-    def flatten(s: Sum) -> List[Expr]:
-        out = []
-        for _, term in s.terms:
-            inner = term
-            while isinstance(inner, Affine) and inner.kind == "noop":   # Identity between Adds
-                inner = inner.input
-            out.extend(flatten(inner) if isinstance(inner, Sum) else [term])
-        return out
-    return flatten(core), True
+    return [term for _, term in _signed_terms(core)], True
 
 
 def _reachable(term: Expr) -> Dict[str, Tuple[int, bool]]:
@@ -291,8 +283,19 @@ def _evaluate_conv(expr: Conv, ctx: Context):
     return ConvMap(kernel, bias, geometry, group, ctx.canonical)
 
 
+def _signed_terms(expr: Sum, sign: float = 1.0) -> List[Tuple[float, Expr]]:
+    """The terms of nested sums (through no-op Identity/Cast), with their signs: aligned as one bag."""
+    out = []
+    for s, term in expr.terms:
+        inner = term
+        while isinstance(inner, Affine) and inner.kind == "noop" and not inner.problem:
+            inner = inner.input
+        out.extend(_signed_terms(inner, sign * s) if isinstance(inner, Sum) else [(sign * s, term)])
+    return out
+
+
 def _evaluate_sum(expr: Sum, ctx: Context):
-    values = [(sign, evaluate(term, ctx)) for sign, term in expr.terms]
+    values = [(sign, evaluate(term, ctx)) for sign, term in _signed_terms(expr)]
     layouts = {v.layout for _, v in values}
     if len(layouts) != 1:
         raise NotExact("the branches are summed in different layouts")

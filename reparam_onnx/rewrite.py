@@ -19,15 +19,14 @@ from onnx import numpy_helper
 
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .verify import check_block
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
 from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Shared, Sum, Walker, block_exprs, block_nodes, walk_expr
+from .verify import check_block, too_large
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-               onnx.TensorProto.DOUBLE: np.float64}
 MAX_PASSES = 8
+MAX_CHANNELS = 1 << 20
 
 
 @dataclass
@@ -45,8 +44,7 @@ def op_counts(graph: onnx.GraphProto) -> Dict[str, int]:
 
 def static_shapes(model: onnx.ModelProto) -> Dict[str, tuple]:
     """Tensor name → (dims with None for unknown, numpy dtype), from shape inference on a weightless copy."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(_without_weights(model))
+    skeleton = _without_weights(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is a help, not a requirement
@@ -199,12 +197,14 @@ class Fuser:
         if dims is not None and len(dims) == rank + 2:
             canonical = [dims[layout.index(axis)] for axis in range(rank + 2)]
         channels = canonical[1] if canonical is not None else None
-        if channels is None:
-            readers = [c for c in convs if c.input.tensor == source]
-            if readers:
-                channels = readers[0].weight.shape[1] * readers[0].group
-        if channels is None:
-            return None, f"the channel count of '{source}' is unknown"
+        readers = [c for c in convs if c.input.tensor == source]
+        if readers:
+            from_weights = readers[0].weight.shape[1] * readers[0].group
+            if channels is not None and channels != from_weights:
+                return None, f"'{source}' has {channels} channels but its conv reads {from_weights}"
+            channels = from_weights
+        if channels is None or not 0 < channels <= MAX_CHANNELS:
+            return None, f"the channel count of '{source}' is unknown or implausible"
         spatial = tuple(canonical[2:]) if canonical is not None else None
         return Context(source, channels, rank, spatial, layout), None
 
@@ -295,6 +295,10 @@ class Fuser:
             d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
             return False
         dims, dtype = self.shapes.get(source, (None, None))
+        huge = too_large(self.shapes, [source] + sorted(produced))
+        if huge:
+            d.report.fused, d.report.reason = False, f"isolated check could not run: {huge}"
+            return False
         result = check_block(source, dims, dtype, output, (nodes, inits), (new_nodes, new_inits),
                              self.model, self.options.seed, self.options.rtol, self.options.atol)
         d.report.check = result.worst

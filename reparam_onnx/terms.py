@@ -302,6 +302,8 @@ def _transpose(w: Walker, node, tensor, depth):
         if dims is None:
             return None
         perm = list(reversed(range(len(dims))))
+    if sorted(perm) != list(range(len(perm))):
+        return None   # not a permutation: the runtime will reject it; not ours to read
     return Transpose(tensor, [node], input=w.input(node.input[0], depth), perm=tuple(int(p) for p in perm))
 
 

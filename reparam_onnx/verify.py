@@ -7,6 +7,7 @@ max|Δ| ≤ atol + rtol·max|ref|.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Dict, Iterable, Optional
 
@@ -19,6 +20,15 @@ DEFAULT_RTOL = {np.dtype(np.float16): 1e-3, np.dtype(np.float32): 1e-5, np.dtype
 BATCH = 2        # stands in for a dynamic batch dimension
 SPATIAL = 17     # stands in for other dynamic dimensions: odd on purpose
 MAX_INPUT_ELEMENTS = 1 << 28   # random inputs larger than this are not materialized
+
+
+def too_large(shapes: Dict[str, tuple], names: Optional[Iterable[str]] = None) -> Optional[str]:
+    """The first tensor (of `names`, or all) whose static size exceeds MAX_INPUT_ELEMENTS, as a message."""
+    for name in (shapes if names is None else names):
+        dims = shapes.get(name, (None, None))[0]
+        if dims and math.prod(d for d in dims if d) > MAX_INPUT_ELEMENTS:
+            return f"'{name}' of shape {list(dims)} is too large to run"
+    return None
 
 
 def has_dynamic_spatial(model: onnx.ModelProto) -> bool:
@@ -70,7 +80,7 @@ def _session(model_bytes: bytes):
     options = ort.SessionOptions()
     # Run the graphs as written: runtime fusions would blur what is being compared.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4   # errors come back as exceptions; the runtime's own log stays quiet
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
