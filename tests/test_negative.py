@@ -87,11 +87,7 @@ def test_batchnorm_in_training_mode():
     x = b.input([1, 4, 9, 7])
     a = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
     c = b.bn(b.conv(x, 4, 4, (1, 1)), 4, training_mode=1)
-    model = b.model(b.add(a, c))
-    result = fuse_with_report(model, verify=False)
-    reasons = [bl.reason for bl in result.report.blocks if not bl.fused]
-    assert any("training mode" in r for r in reasons), reasons
-    assert op_counts(result.model)["Add"] == 1
+    assert "training mode" in _reason(b.model(b.add(a, c)))
 
 
 def test_bn_before_padded_conv_is_not_folded():
@@ -117,11 +113,7 @@ def test_same_pads_stride_2_dynamic_spatial():
     x = b.input([1, 4, "H", "W"])
     a = b.bn(b.conv(x, 4, 4, (3, 3), (2, 2), auto_pad="SAME_UPPER"), 4)
     c = b.bn(b.conv(x, 4, 4, (1, 1), (2, 2), auto_pad="SAME_UPPER"), 4)
-    model = b.model(b.add(a, c))
-    result = fuse_with_report(model, verify=False)
-    reasons = [bl.reason for bl in result.report.blocks if not bl.fused]
-    assert any("static spatial input size" in r for r in reasons), reasons
-    assert op_counts(result.model)["Add"] == 1
+    assert "static spatial input size" in _reason(b.model(b.add(a, c)))
 
 
 def test_resnet_residual_is_not_a_candidate():
@@ -161,14 +153,15 @@ def test_weights_too_large_for_float16():
     var.CopyFrom(onnx.numpy_helper.from_array(np.full(2, 1e-9, np.float16), var.name))
     bn = model.graph.node[-1]
     bn.attribute[0].f = 1e-12   # epsilon: s = γ/√(σ²+ε) ≈ 3e4 pushes weights past 65504
-    result = fuse_with_report(model, verify=False)
-    reasons = [bl.reason for bl in result.report.blocks if not bl.fused]
-    assert any("float16 range" in r for r in reasons), reasons
+    assert "float16 range" in _reason(model)
 
 
 def _reason(model):
+    """The reasons of the blocks left unfused; their sums (Adds) must still be there."""
     result = fuse_with_report(model, verify=False)
-    return " | ".join(bl.reason or "" for bl in result.report.blocks)
+    left = [bl for bl in result.report.blocks if not bl.fused]
+    assert left and all(bl.output in {o for n in result.model.graph.node for o in n.output} for bl in left)
+    return " | ".join(bl.reason for bl in left)
 
 
 def test_quantized_weights_are_left_alone():
