@@ -12,6 +12,7 @@ Per-channel constants are read on the axis where the layout puts C.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -108,10 +109,10 @@ def top_terms(expr: Expr) -> Tuple[List[Expr], bool]:
 def _reachable(term: Expr) -> Dict[str, Tuple[int, bool]]:
     """Tensors where the walk stopped or was shared below `term`: name → (depth, below a Conv)."""
     found: Dict[str, Tuple[int, bool]] = {}
-    stack = [(term, 0, False)]
+    queue = deque([(term, 0, False)])   # breadth first: the first visit of a node is its shallowest
     seen = set()
-    while stack:
-        e, depth, below_conv = stack.pop()
+    while queue:
+        e, depth, below_conv = queue.popleft()
         if (id(e), below_conv) in seen:
             continue
         seen.add((id(e), below_conv))
@@ -119,7 +120,7 @@ def _reachable(term: Expr) -> Dict[str, Tuple[int, bool]]:
             d, c = found.get(e.tensor, (depth, False))
             found[e.tensor] = (min(d, depth), c or below_conv)
         below = below_conv or isinstance(e, Conv)
-        stack.extend((child, depth + 1, below) for child in e.children())
+        queue.extend((child, depth + 1, below) for child in e.children())
     return found
 
 

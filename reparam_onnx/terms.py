@@ -2,13 +2,15 @@
 
 Walking back from a block's output tensor, every op that is linear in its activation
 input with constant parameters becomes a node of the tree (Conv, per-channel Affine,
-Sum of terms); the walk stops at a Leaf: a tensor with several consumers, a graph
-input or output, or the output of an op that is not linear. Which leaf is the block's
-input, and whether the tree is exact, is decided later (linear.py): the walk itself
-never rejects, it records problems on the ops so the report can name them.
+Transpose, zero Pad, Sum of terms); the walk stops at a Leaf: a graph input, or the
+output of an op that is not linear. A tensor with several consumers (or a graph
+output) is marked Shared and walked through once more, so that the block input can be
+found beyond it. Which tensor is the block's input, and whether the tree is exact, is
+decided later (linear.py, rewrite.py): the walk itself never rejects, it records
+problems on the ops so the report can name them.
 
-The op vocabulary is the table `HANDLERS`; new term kinds (Pad, AveragePool,
-Transpose, ...) are added there.
+The op vocabulary is the table `HANDLERS`; new term kinds (AveragePool, sequential
+convs, ...) are added there.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ class Leaf(Expr):
 
 @dataclass
 class Shared(Expr):
-    """A tensor with other consumers (or a graph output): it can be the block input, never inside it."""
+    """A tensor with several consumers (or a graph output): the block input, or inside the block
+    only when every consumer is inside it too (rewrite.Fuser.exclusivity)."""
     input: Expr = None
     reason: str = ""
 
