@@ -151,7 +151,7 @@ def choose_source(expr: Expr) -> Optional[str]:
 def _affine_above_conv(expr: Expr) -> bool:
     """A chain is a block when a real (not no-op) affine op follows its conv."""
     seen_affine = False
-    while isinstance(expr, (Affine, Transpose, Shared)):
+    while isinstance(expr, (Affine, Transpose)):   # not through a Shared tensor: a chain has one path
         seen_affine = seen_affine or (isinstance(expr, Affine) and expr.kind != "noop")
         expr = expr.input
     return seen_affine and isinstance(expr, Conv)

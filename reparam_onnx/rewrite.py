@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout
+from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout, top_terms
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
 from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Shared, Sum, Walker, block_exprs, block_nodes, walk_expr
@@ -140,6 +140,17 @@ class Fuser:
         source = choose_source(expr)
         if source is None:
             return None
+        decision = self._decide_from(expr, source)
+        if decision.report.fused or top_terms(expr)[1]:
+            return decision
+        # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
+        # conv, say); when that fails, the plain Conv→BN from the outermost conv's input decides.
+        conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
+        if conv is None or conv.input.tensor == source:
+            return decision
+        return self.decide(cut(expr, conv.input.tensor)) or decision
+
+    def _decide_from(self, expr: Expr, source: str) -> Decision:
         ctx, problem = self.context(expr, source)
         value, reason = None, problem or self.exclusivity(expr, source)
         if reason is None:
@@ -147,9 +158,6 @@ class Fuser:
                 value = evaluate(expr, ctx)
             except NotExact as exc:
                 reason = str(exc)
-                retry = self._retry_chain(expr, source)
-                if retry is not None:
-                    return retry
         if reason is None:
             shape = block_shape(expr, ctx)
             rule = first_accepting(self.rules, shape)
@@ -165,17 +173,6 @@ class Fuser:
             return self._check_dtype(decision)
         shape = _safe_shape(expr, ctx)
         return self._decision(expr, source, None, reason, shape)
-
-    def _retry_chain(self, expr: Expr, source: str) -> Optional[Decision]:
-        """A Conv→BN chain that is not exact from `source` may be from the outermost conv's input."""
-        exprs = block_exprs(expr, source)
-        if any(isinstance(e, Sum) for e in exprs):
-            return None
-        conv = next((e for e in exprs if isinstance(e, Conv)), None)
-        if conv is None or conv.input.tensor == source or isinstance(conv.input, (Leaf, Shared)):
-            return None
-        decision = self.decide(cut(expr, conv.input.tensor))
-        return decision if decision is not None and decision.report.fused else None
 
     def context(self, expr: Expr, source: str) -> Tuple[Optional[Context], Optional[str]]:
         all_convs = [e for e in block_exprs(expr, source) if isinstance(e, Conv)]
@@ -338,17 +335,16 @@ class Fuser:
 
 
 def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
-    """The nodes that make a block a block (its sums and post-ops), not its branches."""
+    """The nodes of a block left unfused that no other candidate should start from: its
+    post-ops and its top sum. Nested sums and branches stay free: a nested sum can be a
+    block of its own (RepGhost's inside a residual Add), a branch a Conv→BN chain."""
     out = []
-    stack = [expr]
-    while stack:
-        e = stack.pop()
-        if isinstance(e, (Sum, Affine)):
-            out.extend(e.nodes)
-            if isinstance(e, Sum):
-                stack.extend(t for _, t in e.terms if isinstance(t, Sum))
-            else:
-                stack.append(e.input)
+    e = expr
+    while isinstance(e, Affine):
+        out.extend(e.nodes)
+        e = e.input
+    if isinstance(e, Sum):
+        out.extend(e.nodes)
     return out
 
 
@@ -432,18 +428,19 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
     With write=False the model is analysed only (one pass, nothing replaced). After fusing,
     pairs of inverse Transposes left around the fused blocks are cancelled.
     """
-    reports: Dict[str, BlockReport] = {}
+    fused_reports: List[BlockReport] = []
+    last: List[Decision] = []
     fused = 0
     for _ in range(MAX_PASSES):
         fuser = Fuser(model, options)
-        decisions = fuser.decisions()
-        changed = fuser.apply(decisions) if write else 0
-        for d in reversed(decisions):  # graph order
-            reports.pop(d.report.output, None)
-            reports[d.report.output] = d.report
+        last = fuser.decisions()
+        changed = fuser.apply(last) if write else 0
+        fused_reports.extend(d.report for d in reversed(last) if d.report.fused)   # graph order
         fused += changed
         if not changed:
             break
+    # what was fused in any pass, and what the last pass left (earlier verdicts may be stale)
+    left = [d.report for d in reversed(last) if not d.report.fused]
     notes = []
     if fused:
         pairs = 0
@@ -456,4 +453,4 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
                 break
         if pairs:
             notes.append(f"cancelled {pairs} pair(s) of inverse Transposes around fused blocks")
-    return list(reports.values()), notes
+    return fused_reports + left, notes

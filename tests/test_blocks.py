@@ -265,3 +265,26 @@ def test_constant_subgraph_bias():
     conv = b.node("Conv", [x, w, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     y = b.add(b.bn(conv, 4), b.bn(x, 4))
     fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "Expand": 0, "Shape": 0, "CastLike": 0, "Constant": 0})
+
+
+def test_reparam_sum_inside_a_residual_add():
+    """RepGhost: Add(Add(dwconv-BN(p), BN(p)), x) — the residual Add is no block, the inner sum is."""
+    b = Builder(seed=33)
+    c = 6
+    x = b.input([1, c, 11, 9])
+    p = b.node("Relu", [b.bn(b.conv(x, c, c, (1, 1)), c)])
+    inner = b.add(b.bn(b.conv(p, c, c, (3, 3), pads=(1,) * 4, group=c, bias=False), c), b.bn(p, c))
+    y = b.add(inner, x)
+    result = fuse_and_check(b.model(y), {"Conv": 2, "Add": 1, "BatchNormalization": 0})
+    assert sorted(bl.rule for bl in result.report.blocks) == ["conv_bn", "mobileone_dw"]
+    assert not result.report.unfused   # the residual Add is not reported
+
+
+def test_conv_bn_after_a_residual_add():
+    """A Conv→BN whose input is a residual Add read once: folded from the conv's input."""
+    b = Builder(seed=34)
+    x = b.input([1, 4, 9, 9])
+    h = b.add(b.conv(b.node("Relu", [b.conv(x, 4, 4, (3, 3), pads=(1,) * 4)]), 4, 4, (3, 3), pads=(1,) * 4), x)
+    y = b.node("Relu", [b.bn(b.conv(h, 4, 8, (3, 3), pads=(1,) * 4), 8)])
+    result = fuse_and_check(b.model(y), {"BatchNormalization": 0, "Add": 1})
+    assert [bl.rule for bl in result.report.blocks] == ["conv_bn"]
