@@ -288,3 +288,27 @@ def test_conv_bn_after_a_residual_add():
     y = b.node("Relu", [b.bn(b.conv(h, 4, 8, (3, 3), pads=(1,) * 4), 8)])
     result = fuse_and_check(b.model(y), {"BatchNormalization": 0, "Add": 1})
     assert [bl.rule for bl in result.report.blocks] == ["conv_bn"]
+
+
+def test_blocks_sharing_weights_get_fresh_initializers():
+    """Two blocks reading the same weight and BN initializers: each gets fresh fused weights;
+    the shared ones are never edited in place and go only when nothing reads them any more."""
+    b = Builder(seed=35)
+    x = b.input([1, 4, 9, 9])
+    first = repvgg_block(b, x, 4, 4)
+    block = list(b.nodes)
+    h = b.node("Relu", [first])
+    renamed = {x: h}
+    for node in block:   # the same block again on h, same parameter tensors
+        copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
+                                [f"{o}_again" for o in node.output], name=f"{node.name}_again")
+        copy.attribute.extend(node.attribute)
+        renamed.update({o: f"{o}_again" for o in node.output})
+        b.nodes.append(copy)
+    model = b.model(renamed[first])
+    params = {t.name for t in model.graph.initializer}
+    result = fuse_and_check(model, {"Conv": 2, "Add": 0, "BatchNormalization": 0})
+    assert len(result.report.fused) == 2
+    names = {t.name for t in result.model.graph.initializer}
+    assert not names & params
+    assert len([n for n in names if n.endswith("reparam.weight")]) == 2
