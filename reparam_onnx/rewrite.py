@@ -22,7 +22,7 @@ from .layout import cancel_transposes
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout, top_terms
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
-from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Shared, Sum, Walker, block_exprs, block_nodes, walk_expr
+from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block_nodes, walk_expr
 from .verify import check_block, too_large
 
 MAX_PASSES = 8
