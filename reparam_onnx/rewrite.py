@@ -242,6 +242,8 @@ class Fuser:
             if not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
                 reason = f"fused weights exceed the {dtype.name} range"
             decision.dtype = dtype.type
+            # cast once, now: the float64 kernels of every block need not wait for the rewrite
+            value.kernel, value.bias = value.kernel.astype(dtype), value.bias.astype(dtype)
         if reason:
             decision.report.fused, decision.report.reason = False, reason
         return decision
@@ -313,8 +315,8 @@ class Fuser:
         w_name = unique_name(f"{base}/reparam.weight", names)
         b_name = unique_name(f"{base}/reparam.bias", names)
         g = value.geometry
-        weight = numpy_helper.from_array(value.kernel.astype(dtype), w_name)
-        bias = numpy_helper.from_array(value.bias.astype(dtype), b_name)
+        weight = numpy_helper.from_array(value.kernel.astype(dtype, copy=False), w_name)
+        bias = numpy_helper.from_array(value.bias.astype(dtype, copy=False), b_name)
         source, output = d.report.input, d.expr.tensor
         canonical = tuple(range(g.rank + 2))
         nodes = []
