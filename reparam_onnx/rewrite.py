@@ -241,9 +241,10 @@ class Fuser:
             value = decision.value
             if not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
                 reason = f"fused weights exceed the {dtype.name} range"
+            else:
+                # cast once, now: the float64 kernels of every block need not wait for the rewrite
+                value.kernel, value.bias = value.kernel.astype(dtype), value.bias.astype(dtype)
             decision.dtype = dtype.type
-            # cast once, now: the float64 kernels of every block need not wait for the rewrite
-            value.kernel, value.bias = value.kernel.astype(dtype), value.bias.astype(dtype)
         if reason:
             decision.report.fused, decision.report.reason = False, reason
         return decision
