@@ -34,6 +34,7 @@ class Verification:
     errors: Dict[str, float] = field(default_factory=dict)        # tensor -> max|Δ|/max|ref|
     inputs: Dict[str, List[int]] = field(default_factory=dict)    # the concrete input shapes of the first run
     runs: int = 0                                                 # input sets compared (odd and even sizes)
+    noise: Dict[str, float] = field(default_factory=dict)         # tensor -> how far the original moves on a 1-ulp input nudge
 
     @property
     def worst(self) -> Optional[float]:
