@@ -210,6 +210,35 @@ def leftovers(folder: Path, keep=()) -> list:
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
 
 
+# ---------------------------------------------------------------- property tests
+
+# One rule that accepts every block the engine finds exact: makes rules irrelevant.
+PERMISSIVE_RULE = """\
+name = "any"
+summary = "s"
+min_terms = 1
+post = ["batchnorm", "affine"]
+
+[[terms]]
+kind = "conv"
+count = [1, 8]
+
+[[terms]]
+kind = "identity"
+count = [0, 1]
+"""
+
+# hypothesis: the same examples on every run, nothing stored, no per-example deadline
+SETTINGS = dict(deadline=None, derandomize=True, database=None)
+
+
+@pytest.fixture(scope="module")
+def permissive_rules(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rules")
+    (folder / "any.toml").write_text(PERMISSIVE_RULE)
+    return str(folder)
+
+
 @pytest.fixture
 def builder():
     return Builder()

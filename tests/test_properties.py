@@ -12,7 +12,6 @@ Rules are made irrelevant by a permissive user rule and builtin_rules=False.
 from __future__ import annotations
 
 import math
-import textwrap
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -21,33 +20,8 @@ import pytest
 from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import Builder, assert_equivalent, op_counts, random_feeds, run_model
+from conftest import SETTINGS, Builder, assert_equivalent, op_counts, random_feeds, run_model
 from reparam_onnx import fuse_with_report
-
-PERMISSIVE_RULE = textwrap.dedent("""\
-    name = "any"
-    summary = "s"
-    min_terms = 1
-    post = ["batchnorm", "affine"]
-
-    [[terms]]
-    kind = "conv"
-    count = [1, 8]
-
-    [[terms]]
-    kind = "identity"
-    count = [0, 1]
-""")
-
-SETTINGS = dict(deadline=None, derandomize=True, database=None)
-
-
-@pytest.fixture(scope="module")
-def permissive_rules(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rules")
-    (folder / "any.toml").write_text(PERMISSIVE_RULE)
-    return str(folder)
-
 
 # ---------------------------------------------------------------- the random block
 

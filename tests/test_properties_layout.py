@@ -22,7 +22,6 @@ the original model's own movement under a one-ulp input nudge (verify.compare).
 """
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -33,7 +32,7 @@ from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from conftest import Builder, assert_equivalent, op_counts, random_feeds, run_model
+from conftest import SETTINGS, Builder, assert_equivalent, op_counts, random_feeds, run_model
 from reparam_onnx import fuse_with_report
 
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
@@ -45,31 +44,6 @@ SHAPES = {"C": lambda n: (n,), "111C": lambda n: (1, 1, 1, n), "1C11": lambda n:
           "C11": lambda n: (n, 1, 1), "S": lambda n: (1,)}
 GOOD = {"nchw": ("1C11", "C11", "1C11", "C11", "S"), "nhwc": ("C", "111C", "C", "111C", "S")}
 ANY = ("C", "111C", "1C11", "C11")
-
-PERMISSIVE_RULE = textwrap.dedent("""\
-    name = "any"
-    summary = "s"
-    min_terms = 1
-    post = ["batchnorm", "affine"]
-
-    [[terms]]
-    kind = "conv"
-    count = [1, 8]
-
-    [[terms]]
-    kind = "identity"
-    count = [0, 1]
-""")
-
-SETTINGS = dict(deadline=None, derandomize=True, database=None)
-
-
-@pytest.fixture(scope="module")
-def permissive_rules(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rules")
-    (folder / "any.toml").write_text(PERMISSIVE_RULE)
-    return str(folder)
-
 
 def flip(layout: str) -> str:
     return "nhwc" if layout == "nchw" else "nchw"
