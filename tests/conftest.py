@@ -118,6 +118,19 @@ def run_model(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> Dict[str,
     return dict(zip(names, session.run(names, feeds)))
 
 
+def runs(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime runs the model (random graphs are often invalid ONNX)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session.run(None, random_feeds(model))
+    except Exception:
+        return False
+    return True
+
+
 def random_feeds(model: onnx.ModelProto, seed: int = 1, dynamic: int = 2) -> Dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     inits = {t.name for t in model.graph.initializer}

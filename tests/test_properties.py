@@ -20,7 +20,7 @@ import pytest
 from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import SETTINGS, Builder, assert_equivalent, op_counts, random_feeds, run_model
+from conftest import SETTINGS, runs, Builder, assert_equivalent, op_counts, random_feeds, run_model
 from reparam_onnx import fuse_with_report
 
 # ---------------------------------------------------------------- the random block
@@ -190,20 +190,6 @@ def _merge(geoms):
         size = max((top - p) // dil + (d // dil if k > 1 else 1) * (k - 1) + 1 for k, p, d in parts)
         merged.append((size, top, dil))
     return tuple(merged)
-
-
-def runs(model) -> bool:
-    """Whether onnxruntime runs the model (random branch sets are often invalid ONNX)."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        session.run(None, random_feeds(model))
-    except Exception:
-        return False
-    return True
 
 
 def fuse_and_check(model, **options):

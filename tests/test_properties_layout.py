@@ -32,7 +32,7 @@ from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from conftest import SETTINGS, Builder, assert_equivalent, op_counts, random_feeds, run_model
+from conftest import SETTINGS, runs, Builder, assert_equivalent, op_counts, random_feeds, run_model
 from reparam_onnx import fuse_with_report
 
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
@@ -283,20 +283,6 @@ def build(spec: Spec, seed: int = 0):
         outs.append(y)
         x = b.node("Relu", [y]) if i + 1 < len(spec.blocks) or spec.relu_last else y
     return b.model(x), outs, ins
-
-
-def runs(model) -> bool:
-    """Whether onnxruntime runs the model (shapes that do not broadcast, too small inputs...)."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        session.run(None, random_feeds(model))
-    except Exception:
-        return False
-    return True
 
 
 def tensor_dims(model, names) -> Dict[str, Optional[tuple]]:
