@@ -60,11 +60,11 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     if initializers_as_constants:
         report.notes.append("initializers listed as graph inputs were treated as constants (--initializers-as-constants)")
     _note_unsupported(original, report)
-    if isinstance(model, onnx.ModelProto) or (verify and write):
+    if write and (isinstance(model, onnx.ModelProto) or verify):
         work = onnx.ModelProto()   # the caller's proto, or the reference for verification, stays intact
         work.CopyFrom(original)
     else:
-        work = original            # loaded here and not needed afterwards: edit in place, copy no weight
+        work = original            # not edited (analysis), or loaded here and not needed afterwards
     options = FuseOptions(rulebook, initializers_as_constants, str(folder) if folder else None,
                           check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol)
     report.blocks, notes = fuse_graph(work, options, write=write)
@@ -72,32 +72,34 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     fused_blocks = [b for b in report.blocks if b.fused]
     result_model = work if write and fused_blocks else original
     report.ops_after = op_counts(result_model.graph)
-    if verify and fused_blocks:
-        shapes = static_shapes(original)
-        types = {name: _elem_type(dtype) for name, (_, dtype) in shapes.items() if dtype is not None}
-        huge = too_large(shapes)
-        check_model = work if write else None
-        if check_model is None:
-            report.verification = Verification(ran=False, passed=True, message="analysis only")
-        elif huge:
-            report.verification = Verification(ran=False, passed=False, message=huge)
-            raise VerificationError(_failure(report.verification), report)
-        else:
-            produced = {o for n in check_model.graph.node for o in n.output}
-            # a block output the layout pass folded away is checked through what it feeds
-            compared = [b.output for b in fused_blocks if b.output in produced]
-            report.verification = compare(original, check_model, compared, types,
-                                          seed=seed, rtol=rtol, atol=atol, inputs=inputs)
-            for b in fused_blocks:
-                b.error = report.verification.errors.get(b.output)
-            if not report.verification.passed:
-                raise VerificationError(_failure(report.verification), report)
-    elif verify:
-        report.verification = Verification(ran=False, passed=True, message="nothing was fused")
-    else:
+    if not verify:
         report.verification = Verification(ran=False, passed=True, message="--no-verify")
+    elif not fused_blocks:
+        report.verification = Verification(ran=False, passed=True, message="nothing was fused")
+    elif not write:
+        report.verification = Verification(ran=False, passed=True, message="analysis only")
+    else:
+        report.verification = _verify(original, work, fused_blocks, seed, rtol, atol, inputs)
+        if not report.verification.passed:
+            raise VerificationError(_failure(report.verification), report)
     report.written = bool(write and fused_blocks)
     return FuseResult(result_model, report, [str(f) for f in data_files])
+
+
+def _verify(original, fused, fused_blocks, seed, rtol, atol, inputs) -> Verification:
+    """The whole-model comparison, on the graph outputs and every fused block's output."""
+    shapes = static_shapes(original)
+    huge = too_large(shapes)
+    if huge:
+        return Verification(ran=False, passed=False, message=huge)
+    types = {name: _elem_type(dtype) for name, (_, dtype) in shapes.items() if dtype is not None}
+    produced = {o for n in fused.graph.node for o in n.output}
+    # a block output the layout pass folded away is checked through what it feeds
+    compared = [b.output for b in fused_blocks if b.output in produced]
+    result = compare(original, fused, compared, types, seed=seed, rtol=rtol, atol=atol, inputs=inputs)
+    for b in fused_blocks:
+        b.error = result.errors.get(b.output)
+    return result
 
 
 def fuse(model: ModelLike, **options) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from .layout import cancel_transposes
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout, top_terms
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
-from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block_nodes, walk_expr
+from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block_nodes
 from .verify import check_block, too_large
 
 MAX_PASSES = 8
@@ -353,7 +353,7 @@ def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
 
 def _peel(expr: Expr) -> Optional[Expr]:
     """The block without its outermost post-op, when it has one above a sum."""
-    if isinstance(expr, Affine) and any(isinstance(e, Sum) for e in walk_expr(expr)):
+    if isinstance(expr, Affine) and top_terms(expr)[1]:   # the sum at the top, not one beyond the input
         return expr.input
     return None
 

@@ -15,7 +15,7 @@ convs, ...) are added there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -108,20 +108,6 @@ class Sum(Expr):
 
     def children(self):
         return [t for _, t in self.terms]
-
-
-def walk_expr(expr: Expr, below_shared: bool = True) -> Iterator[Expr]:
-    """Every expression of the tree once, parents before children."""
-    seen = set()
-    stack = [expr]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        if below_shared or not isinstance(e, Shared):
-            stack.extend(reversed(e.children()))
 
 
 def block_exprs(expr: Expr, source: Optional[str] = None) -> List[Expr]:
