@@ -171,7 +171,7 @@ class Fuser:
             decision = self._decision(expr, source, rule.name, None, shape, value)
             decision.ctx = ctx
             return self._check_dtype(decision)
-        shape = _safe_shape(expr, ctx)
+        shape = block_shape(expr, ctx) if ctx is not None else None
         return self._decision(expr, source, None, reason, shape)
 
     def context(self, expr: Expr, source: str) -> Tuple[Optional[Context], Optional[str]]:
@@ -358,13 +358,6 @@ def _peel(expr: Expr) -> Optional[Expr]:
     return None
 
 
-def _safe_shape(expr, ctx):
-    if ctx is None:
-        return None
-    try:
-        return block_shape(expr, ctx)
-    except Exception:
-        return None
 
 
 def _used_names(graph: onnx.GraphProto) -> Set[str]:
