@@ -11,10 +11,12 @@ import onnx
 from . import io
 from .errors import InputError, VerificationError
 from .report import Report, Verification
-from .rewrite import FuseOptions, fuse_graph, op_counts, static_shapes
+from .rewrite import FuseOptions, fuse_graph, op_counts
+from .shapes import static_shapes
 from .rulebook import RuleError, load_rules
 from . import validate
-from .verify import compare, too_large
+from .shapes import SPATIAL
+from .verify import compare, has_dynamic_spatial, random_inputs, too_large
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
@@ -80,6 +82,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         report.verification = Verification(ran=False, passed=True, message="analysis only")
     else:
         report.verification = _verify(original, work, fused_blocks, seed, rtol, atol, inputs)
+        if report.verification.ran and report.verification.message:
+            report.notes.append(report.verification.message)
         if not report.verification.passed:
             raise VerificationError(_failure(report.verification), report)
     report.written = bool(write and fused_blocks)
@@ -96,7 +100,16 @@ def _verify(original, fused, fused_blocks, seed, rtol, atol, inputs) -> Verifica
     produced = {o for n in fused.graph.node for o in n.output}
     # a block output the layout pass folded away is checked through what it feeds
     compared = [b.output for b in fused_blocks if b.output in produced]
-    result = compare(original, fused, compared, types, seed=seed, rtol=rtol, atol=atol, inputs=inputs)
+    if inputs is not None:
+        runs = [inputs]
+    else:   # at an odd and an even size when inputs have dynamic dims past the batch (SAME pads move with parity)
+        sizes = (SPATIAL, SPATIAL - 1) if has_dynamic_spatial(original) else (SPATIAL,)
+        try:
+            runs = [random_inputs(original, seed, size) for size in sizes]
+        except ValueError as exc:
+            return Verification(ran=False, passed=False, message=str(exc))
+    result = compare(original, fused, compared, types, runs=runs, seed=seed, rtol=rtol, atol=atol,
+                     random=inputs is None)
     for b in fused_blocks:
         b.error = result.errors.get(b.output)
     return result
@@ -111,7 +124,8 @@ def _failure(v: Verification) -> str:
     if not v.ran:
         return f"verification could not run: {v.message}"
     name, err = max(v.errors.items(), key=lambda kv: kv[1])
-    return f"verification failed: '{name}' differs by {err:.3e} (max|Δ|/max|ref|, rtol {v.tolerance['rtol']:.0e})"
+    text = f"verification failed: '{name}' differs by {err:.3e} (max|Δ|/max|ref|, rtol {v.tolerance['rtol']:.0e})"
+    return f"{text}; {v.message}" if v.message else text
 
 
 def _elem_type(dtype) -> int:

@@ -22,8 +22,9 @@ from .layout import cancel_transposes
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout, top_terms
 from .report import BlockReport
 from .rulebook import Rule, block_shape, first_accepting
+from .shapes import static_shapes
 from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block_nodes
-from .verify import check_block, too_large
+from .verify import check_block, random_array
 
 MAX_PASSES = 8
 MAX_CHANNELS = 1 << 20
@@ -40,50 +41,6 @@ class Decision:
 
 def op_counts(graph: onnx.GraphProto) -> Dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in graph.node).items()))
-
-
-def static_shapes(model: onnx.ModelProto) -> Dict[str, tuple]:
-    """Tensor name → (dims with None for unknown, numpy dtype), from shape inference on a weightless copy."""
-    skeleton = _without_weights(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception:  # inference is a help, not a requirement
-        inferred = skeleton
-    shapes = {}
-    graph = inferred.graph
-    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
-        t = info.type.tensor_type
-        if not info.type.HasField("tensor_type") or t.elem_type == 0:
-            continue
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) \
-            if t.HasField("shape") else None
-        shapes[info.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-    for init in model.graph.initializer:
-        shapes[init.name] = (tuple(init.dims), onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
-    return shapes
-
-
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose large initializers keep name, type and shape but no data."""
-    out = onnx.ModelProto()
-    graph = model.graph
-    out.ir_version = model.ir_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    g = out.graph
-    g.name = graph.name
-    g.node.extend(graph.node)
-    g.input.extend(graph.input)
-    g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
-    for init in graph.initializer:
-        if int(np.prod(init.dims, dtype=np.int64)) <= 64 and init.data_location != onnx.TensorProto.EXTERNAL:
-            g.initializer.append(init)
-        else:
-            stub = g.initializer.add()
-            stub.name, stub.data_type = init.name, init.data_type
-            stub.dims.extend(init.dims)
-    return out
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -294,13 +251,15 @@ class Fuser:
         except Exception as exc:  # a parameter that folded before must fold again; say so if not
             d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
             return False
-        dims, dtype = self.shapes.get(source, (None, None))
-        huge = too_large(self.shapes, [source] + sorted(produced))
-        if huge:
-            d.report.fused, d.report.reason = False, f"isolated check could not run: {huge}"
+        dtype = self.shapes.get(source, (None, None))[1] or d.dtype
+        try:
+            runs = check_inputs(d.ctx, d.value.geometry, self.shapes.get(source, (None, None))[0], dtype,
+                                self.options.seed)
+        except ValueError as exc:
+            d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
             return False
-        result = check_block(source, dims, dtype, output, (nodes, inits), (new_nodes, new_inits),
-                             self.model, self.options.seed, self.options.rtol, self.options.atol)
+        result = check_block(source, dtype, output, (nodes, inits), (new_nodes, new_inits), self.model, runs,
+                             self.options.seed, self.options.rtol, self.options.atol)
         d.report.check = result.worst
         if not result.passed:
             d.report.fused = False
@@ -335,6 +294,31 @@ class Fuser:
             nodes.append(onnx.helper.make_node("Transpose", [conv_out], [output], name=unique_name(f"{base}/reparam.transpose", names),
                                                perm=list(value.layout)))
         return nodes, [weight, bias]
+
+
+def check_sizes(spatial: Optional[Sequence[Optional[int]]], geometry) -> List[tuple]:
+    """Canonical spatial sizes to run a fused block alone at: its static size; on a dynamic
+    axis, sizes from one its taps can read, covering every residue modulo the stride (and
+    both parities), since that is what a conv's output grid depends on."""
+    rank = geometry.rank
+    spatial = tuple(spatial) if spatial is not None else (None,) * rank
+    dynamic = [a for a in range(rank) if spatial[a] is None]
+    count = max([geometry.strides[a] for a in dynamic] + [2]) if dynamic else 1
+    return [tuple(spatial[a] if spatial[a] is not None else geometry.extent(a) + geometry.strides[a] + r
+                  for a in range(rank)) for r in range(count)]
+
+
+def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[str, np.ndarray]]:
+    """Random inputs for the block input at check_sizes: channels from the weights (ctx), batch
+    from the graph where static (else 1), laid out as the graph has it."""
+    rng = np.random.default_rng(seed)
+    batch = dims[ctx.layout.index(0)] if dims is not None and len(dims) == len(ctx.layout) else None
+    runs = []
+    for size in check_sizes(ctx.spatial, geometry):
+        canonical = (batch or 1, ctx.channels) + size
+        actual = [canonical[axis] for axis in ctx.layout]
+        runs.append({ctx.source: random_array(actual, dtype, rng, ctx.source)})
+    return runs
 
 
 def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:

@@ -324,7 +324,7 @@ def test_inputs_npz(model_path, outdir, tmp_path, compare_calls):
     np.savez(npz, x=x)
     report = tmp_path / "r.json"
     assert invoke([model_path, "-o", outdir / "f.onnx", "--inputs", npz, "--report", report, "-q"]) == 0
-    assert np.array_equal(compare_calls[0]["inputs"]["x"], x)
+    assert np.array_equal(compare_calls[0]["runs"][0]["x"], x)
     v = json.loads(report.read_text())["verification"]
     assert v["passed"] and v["inputs"] == {"x": [3, 4, 8, 8]}
 

@@ -1,0 +1,157 @@
+"""What the graph guarantees about tensor shapes, and concrete shapes to run it at.
+
+Exactness may rest only on guaranteed facts: the declared positive dims of graph inputs
+(onnxruntime enforces them), initializer shapes and values, propagated through the ops
+by shape inference. `value_info` entries and declared output shapes are annotations a
+file may carry from an earlier export: they are dropped before inference, never
+trusted. A dim of -1, 0 or a symbolic name is unknown.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from .graph import attributes
+
+BATCH = 2        # stands in for a dynamic first axis
+SPATIAL = 17     # stands in for other dynamic axes: odd on purpose
+
+Shapes = Dict[str, tuple]   # tensor name → (dims with None where not guaranteed, numpy dtype)
+
+
+def static_shapes(model: onnx.ModelProto) -> Shapes:
+    """Guaranteed shapes and dtypes of every tensor shape inference reaches (see the module doc)."""
+    skeleton = _skeleton(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a help, not a requirement: without it nothing is static
+        inferred = skeleton
+    shapes: Shapes = {}
+    graph = inferred.graph
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        t = info.type.tensor_type
+        if not info.type.HasField("tensor_type") or t.elem_type == 0:
+            continue
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim) \
+            if t.HasField("shape") else None
+        shapes[info.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    for init in model.graph.initializer:
+        shapes[init.name] = (tuple(init.dims), onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    return shapes
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference: no value_info, output types without shapes, input dims
+    that are not positive made unknown, and large initializers without data (name, type
+    and shape are kept: small ones keep their values for data propagation)."""
+    out = onnx.ModelProto()
+    graph = model.graph
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g = out.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    for info in g.input:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            for dim in info.type.tensor_type.shape.dim:
+                if not (dim.HasField("dim_value") and dim.dim_value > 0):
+                    dim.Clear()
+    g.output.extend(graph.output)
+    for info in g.output:
+        if info.type.HasField("tensor_type"):
+            info.type.tensor_type.ClearField("shape")
+    for init in graph.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= 64 and init.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(init)
+        else:
+            stub = g.initializer.add()
+            stub.name, stub.data_type = init.name, init.data_type
+            stub.dims.extend(init.dims)
+    return out
+
+
+def input_dims(model: onnx.ModelProto, spatial: int = SPATIAL) -> Dict[str, List[int]]:
+    """Concrete dims to feed each graph input: declared dims where positive; else what a
+    consumer's weights fix (the channels a Conv reads, the features a MatMul/Gemm reads);
+    else BATCH for the first axis and `spatial` for the others."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    fixed = _dims_fixed_by_weights(model.graph, initializers)
+    out = {}
+    for info in model.graph.input:
+        if info.name in initializers or not info.type.HasField("tensor_type"):
+            continue
+        declared = list(info.type.tensor_type.shape.dim)
+        dims = []
+        for axis, d in enumerate(declared):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                dims.append(fixed.get((info.name, axis), BATCH if axis == 0 else spatial))
+        out[info.name] = dims
+    return out
+
+
+# ops that keep every axis where it is (the layout walk looks through them)
+_SAME_AXES = {"Identity", "Cast", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSwish", "HardSigmoid",
+              "Neg", "Abs", "Elu", "Selu", "Gelu", "Erf", "Softplus", "Mish", "BatchNormalization", "Dropout"}
+
+
+def _dims_fixed_by_weights(graph: onnx.GraphProto, initializers) -> Dict[tuple, int]:
+    """(graph input, axis) → the length a Conv/MatMul/Gemm weight requires of it, found by
+    following the input through Transposes and axis-preserving ops to that consumer."""
+    consumers: Dict[str, list] = {}
+    for node in graph.node:
+        for pos, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, pos))
+    fixed: Dict[tuple, int] = {}
+    for info in graph.input:
+        if info.name in initializers:
+            continue
+        rank = len(info.type.tensor_type.shape.dim)
+        # frontier: (tensor, axes) with axes[i] = the input axis now at position i
+        frontier, seen = [(info.name, tuple(range(rank)))], set()
+        while frontier:
+            tensor, axes = frontier.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for node, pos in consumers.get(tensor, ()):
+                if node.domain not in ("", "ai.onnx"):
+                    continue
+                need = _required_length(node, pos, initializers, len(axes))
+                if need is not None:
+                    axis, length = need
+                    fixed.setdefault((info.name, axes[axis]), length)
+                elif node.op_type == "Transpose" and pos == 0 and node.output:
+                    perm = attributes(node).get("perm") or list(reversed(range(len(axes))))
+                    if sorted(perm) == list(range(len(axes))):
+                        frontier.append((node.output[0], tuple(axes[p] for p in perm)))
+                elif node.op_type in _SAME_AXES and pos == 0 and node.output:
+                    frontier.append((node.output[0], axes))
+    return fixed
+
+
+def _required_length(node: onnx.NodeProto, pos: int, initializers, rank: int) -> Optional[tuple]:
+    """(axis, length) that `node` requires of its input at `pos`, read off an initializer weight."""
+    def weight_dims(i: int) -> Optional[Sequence[int]]:
+        name = node.input[i] if len(node.input) > i else ""
+        return tuple(initializers[name].dims) if name in initializers else None
+
+    if node.op_type == "Conv" and pos == 0:
+        w = weight_dims(1)
+        if w is not None and len(w) == rank and len(w) >= 3:
+            return 1, int(w[1]) * int(attributes(node).get("group", 1))
+    if node.op_type == "MatMul" and pos == 0:
+        w = weight_dims(1)
+        if w is not None and len(w) == 2:
+            return rank - 1, int(w[0])
+    if node.op_type == "Gemm" and pos == 0 and rank == 2:
+        w = weight_dims(1)
+        if w is not None and len(w) == 2:
+            trans_a, trans_b = attributes(node).get("transA", 0), attributes(node).get("transB", 0)
+            return (0 if trans_a else 1), int(w[1] if trans_b else w[0])
+    return None
