@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -153,8 +153,7 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
             message = (f"the original gives NaN/inf on {share:.0%} of its output values on random normal inputs; "
                        f"compared on non-negative inputs instead (pass --inputs for real data)")
         outs = [candidate(feeds) for feeds in runs]
-        rng = np.random.default_rng(seed + 1)
-        nudged = [reference(_nudge(feeds, rng)) for feeds in runs] if rtol is None else [{} for _ in runs]
+        nudged = _nudged(reference, runs, seed) if rtol is None else [{} for _ in runs]
     except Exception as exc:  # onnxruntime raises many kinds; the message is what matters
         text = str(exc).strip().splitlines()
         return Verification(ran=False, passed=False, message=f"onnxruntime could not run the models: "
@@ -184,6 +183,16 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
             delta = error * scale if scale > 0 else error     # max|Δ| over the finite values
             if not (math.isfinite(error) and delta <= atol + floor + tol * scale):
                 failed.append(name)
+    if failed and rtol is not None:   # no floor was needed to decide; the nudge still explains a failure
+        try:
+            for ref, moved in zip(refs, _nudged(reference, runs, seed)):
+                for name in failed:
+                    if name in moved and moved[name].shape == ref[name].shape:
+                        wobble = relative_error(ref[name], moved[name])
+                        if wobble > UNSTABLE:
+                            unstable[name] = max(unstable.get(name, 0.0), wobble)
+        except Exception:  # it ran once; if it does not now, there is nothing to add
+            pass
     if failed:
         chaotic = [n for n in dict.fromkeys(failed) if n in unstable]
         if chaotic:
@@ -194,6 +203,11 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
                         tolerance={"rtol": max(tolerances, default=rtol or 1e-5), "atol": atol},
                         errors=errors, inputs={k: list(v.shape) for k, v in runs[0].items()}, runs=len(runs),
                         noise=noise)
+
+
+def _nudged(reference: "_Runner", runs, seed: int) -> List[Dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed + 1)
+    return [reference(_nudge(feeds, rng)) for feeds in runs]
 
 
 def _nonfinite_share(results: Sequence[Dict[str, np.ndarray]]) -> float:

@@ -1,0 +1,194 @@
+"""Exactness rests only on what the graph guarantees; checks run at shapes the graph fixes.
+
+Stale value_info, -1 and symbolic dims are hints, never proof (issue 7, items 1, 2, 13);
+verification compares NaN/inf by position and names an unstable original (items 14, 16).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import Builder, assert_equivalent, fuse_and_check, invoke, one_error_line, repvgg_block
+from reparam_onnx import VerificationError, fuse_with_report
+from reparam_onnx.shapes import input_dims, static_shapes
+from reparam_onnx.verify import relative_error
+
+
+def _same_block(b: Builder, x: str, c: int, kernel: int, stride: int) -> str:
+    """k×k + 1×1 Conv-BN with auto_pad=SAME_UPPER at a stride: its pads depend on the input size."""
+    k = b.bn(b.conv(x, c, c, (kernel, kernel), (stride, stride), auto_pad="SAME_UPPER", bias=False), c)
+    one = b.bn(b.conv(x, c, c, (1, 1), (stride, stride), auto_pad="SAME_UPPER", bias=False), c)
+    return b.add(k, one)
+
+
+def _dynamic_model(dims, kernel: int, stride: int, stale=None):
+    """x (declared `dims`) → Relu → SAME block; `stale` adds a value_info for the block input."""
+    b = Builder(seed=3)
+    x = b.input(dims)
+    h = b.node("Relu", [x])
+    model = b.model(_same_block(b, h, 6, kernel, stride))
+    if stale is not None:
+        model.graph.value_info.append(helper.make_tensor_value_info(h, TensorProto.FLOAT, stale))
+    return model
+
+
+def _equal_at_sizes(original, fused, sizes):
+    """Both models agree (shape and values) at every spatial size in `sizes`."""
+    rng = np.random.default_rng(5)
+    for n in sizes:
+        feeds = {"x": rng.standard_normal((2, 6, n, n + 1)).astype(np.float32)}
+        assert_equivalent(original, fused, feeds)
+
+
+@pytest.mark.parametrize("kernel,stride", [(2, 7), (3, 2)])
+@pytest.mark.parametrize("declared", [["N", 6, "H", "W"], [-1, 6, -1, -1], [None, 6, None, None]])
+def test_stale_value_info_and_unknown_dims_are_not_proof(declared, kernel, stride):
+    """A stale [1,6,16,16] value_info, or a dim written -1/0, is no static size: a SAME block at
+    stride > 1 stays, with the reason that names the dynamic size, and the output is exact at every size.
+    (onnxruntime enforces a declared 0, so it is a real size; the engine still treats it as unknown.)"""
+    model = _dynamic_model(declared, kernel, stride, stale=[1, 6, 16, 16])
+    result = fuse_with_report(model)
+    block = next(b for b in result.report.blocks if "SAME" in (b.reason or ""))
+    assert not block.fused and "static spatial input size" in block.reason
+    _equal_at_sizes(model, result.model, range(11, 24))
+
+
+def test_declared_static_size_is_proof():
+    """The same block on a declared static input fuses, with pads for that size."""
+    model = _dynamic_model([2, 6, 16, 17], 3, 2)
+    result = fuse_and_check(model, feeds={"x": np.random.default_rng(1).standard_normal((2, 6, 16, 17))
+                                          .astype(np.float32)})
+    assert [b.rule for b in result.report.fused] == ["repvgg"]
+
+
+def test_static_shapes_ignore_annotations():
+    model = _dynamic_model(["N", 6, -1, "W"], 3, 2, stale=[1, 6, 16, 16])
+    declared = helper.make_tensor_value_info(model.graph.output[0].name, TensorProto.FLOAT, [1, 6, 8, 8])
+    model.graph.output[0].CopyFrom(declared)                   # a declared output shape is a hint too
+    shapes = static_shapes(model)
+    relu = model.graph.node[0].output[0]
+    assert shapes["x"][0] == (None, 6, None, None)
+    assert shapes[relu][0] == (None, 6, None, None)
+    assert shapes[model.graph.output[0].name][0] == (None, 6, None, None)
+
+
+def test_dims_fixed_by_weights_are_fed():
+    """A symbolic channel dim is fed what the weights read, through Transposes too."""
+    b = Builder(seed=4)
+    x = b.input(["N", "C", "H", "W"])
+    nhwc = b.input(["N", "H", "W", "C"], name="y")
+    model = b.model(b.conv(x, 6, 6, (3, 3), pads=(1, 1, 1, 1)),
+                    b.conv(b.node("Transpose", [nhwc], perm=[0, 3, 1, 2]), 5, 5, (1, 1)))
+    dims = input_dims(model)
+    assert dims == {"x": [2, 6, 17, 17], "y": [2, 17, 17, 5]}
+
+
+def _symbolic_channels(stem: bool):
+    b = Builder(seed=6)
+    x = b.input(["N", "C", "H", "W"])
+    h = b.node("Relu", [b.conv(x, 6, 6, (3, 3), pads=(1, 1, 1, 1))]) if stem else x
+    y = b.node("Relu", [repvgg_block(b, h, 6, 6)])
+    return b.model(b.node("Relu", [b.bn(b.conv(y, 6, 4, (3, 3), (2, 2), (1, 0, 1, 1), bias=False), 4)]))
+
+
+@pytest.mark.parametrize("stem", [False, True])
+def test_symbolic_channels_fixed_by_weights(stem):
+    """Block checks and the whole-model verification take C from the weights, not a guess."""
+    model = _symbolic_channels(stem)
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 6, 11, 8)).astype(np.float32)}
+    result = fuse_and_check(model, feeds=feeds)
+    assert sorted(b.rule for b in result.report.fused) == ["conv_bn", "repvgg"]
+    assert result.report.verification.passed and result.report.verification.inputs["x"][1] == 6
+
+
+def test_block_input_of_unknown_shape_is_checked_at_the_weights_channels():
+    """A block after an op shape inference does not know (a com.microsoft contrib op): the
+    block check builds its input from the weights, and the block fuses."""
+    b = Builder(seed=8)
+    x = b.input([1, 6, 9, 7])
+    b.nodes.append(helper.make_node("Gelu", [x], ["g"], name="gelu", domain="com.microsoft"))
+    model = b.model(repvgg_block(b, "g", 6, 6))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    assert static_shapes(model).get("g", (None,))[0] is None
+    result = fuse_and_check(model)
+    assert [b.rule for b in result.report.fused] == ["repvgg"] and result.report.fused[0].check is not None
+
+
+def test_block_check_covers_every_stride_residue():
+    """On a dynamic size the block is run alone at one size per residue modulo its stride."""
+    from reparam_onnx.geometry import ConvGeometry
+    from reparam_onnx.rewrite import check_sizes
+    g = ConvGeometry((3, 3), (7, 2), (1, 1), (1, 1), (1, 1))
+    sizes = check_sizes((None, 10), g)
+    assert len(sizes) == 7 and {h % 7 for h, _ in sizes} == set(range(7)) and {w for _, w in sizes} == {10}
+    assert all(h >= g.extent(0) for h, _ in sizes)
+    assert check_sizes((12, 10), g) == [(12, 10)]
+    assert {w % 2 for _, w in check_sizes((12, None), g)} == {0, 1}
+
+
+# ---------------------------------------------------------------- non-finite and unstable originals
+
+
+def test_relative_error_compares_nonfinite_by_position():
+    ref = np.array([1.0, np.nan, np.inf, -np.inf, 2.0])
+    assert relative_error(ref, ref.copy()) == 0.0
+    assert relative_error(ref, np.array([1.0, np.nan, np.inf, -np.inf, 2.5])) == pytest.approx(0.25)
+    assert relative_error(ref, np.array([1.0, 0.0, np.inf, -np.inf, 2.0])) == np.inf
+    assert relative_error(ref, np.array([1.0, np.nan, -np.inf, -np.inf, 2.0])) == np.inf
+    assert relative_error(ref, np.array([np.nan, np.nan, np.inf, -np.inf, 2.0])) == np.inf
+
+
+def test_nan_outputs_in_the_original_compare_by_position():
+    """A Sqrt of the random input beside the block: its NaNs are where the original has them."""
+    b = Builder(seed=9)
+    x = b.input([1, 4, 9, 7])
+    model = b.model(repvgg_block(b, x, 4, 4), b.node("Sqrt", [x]))
+    result = fuse_with_report(model)
+    assert result.report.verification.passed and len(result.report.fused) == 1
+    assert not any("NaN" in n for n in result.report.notes)
+
+
+def test_mostly_nan_original_is_verified_on_non_negative_inputs():
+    """Sqrt before a block spreads NaN over nearly every output: retried on |x|, and said so."""
+    b = Builder(seed=10)
+    x = b.input([1, 4, 9, 7])
+    model = b.model(repvgg_block(b, b.node("Sqrt", [x]), 4, 4))
+    result = fuse_with_report(model)
+    v = result.report.verification
+    assert v.passed and v.ran and "non-negative inputs" in v.message
+    assert any("non-negative inputs" in n for n in result.report.notes)
+    feeds = {"x": np.abs(np.random.default_rng(3).standard_normal((1, 4, 9, 7))).astype(np.float32)}
+    assert_equivalent(model, result.model, feeds)
+
+
+def _chaotic_model():
+    """sin(10⁶·block(x)): a one-ulp change of x moves the output by O(1)."""
+    b = Builder(seed=11)
+    x = b.input([1, 4, 9, 7])
+    y = b.node("Mul", [repvgg_block(b, x, 4, 4), b.const(np.array(1e6))])
+    return b.model(b.node("Sin", [y]))
+
+
+def test_unstable_original_is_named_in_the_failure(tmp_path, capfd):
+    model = _chaotic_model()
+    with pytest.raises(VerificationError) as caught:
+        fuse_with_report(model, rtol=1e-5)
+    assert "the original itself is unstable" in str(caught.value) and "--inputs" in str(caught.value)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert invoke([path, "-o", tmp_path / "out.onnx", "--rtol", "1e-5", "-q"]) == 3
+    assert "unstable" in one_error_line(capfd.readouterr().err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_stable_failure_says_nothing_about_instability(monkeypatch):
+    from reparam_onnx import kernels
+    real = kernels.identity_kernel
+    monkeypatch.setattr(kernels, "identity_kernel", lambda c, g, r: real(c, g, r) * 0.5)
+    b = Builder(seed=12)
+    x = b.input([1, 4, 9, 7])
+    with pytest.raises(VerificationError) as caught:
+        fuse_with_report(b.model(repvgg_block(b, x, 4, 4)), check_blocks=False)
+    assert "unstable" not in str(caught.value)
