@@ -13,6 +13,9 @@ from onnx import numpy_helper
 _SHAPE_ONLY_INPUTS = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
 # Folding these would replace quantized weights by float ones and change the model's precision.
 _QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# Ops whose output is not a function of their inputs: evaluating them once would freeze one draw.
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                    "Bernoulli", "Dropout"}
 # Constant subgraphs larger than this many elements are not materialized.
 MAX_FOLD_ELEMENTS = 1 << 26
 
@@ -95,6 +98,8 @@ class GraphIndex:
     def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
         if node.domain not in ("", "ai.onnx"):
             raise NotConstant(f"'{name}' comes from {node.domain}.{node.op_type}")
+        if _nondeterministic(node):
+            raise NotConstant(f"'{name}' comes from the non-deterministic {node.op_type} '{node.name}'")
         if node.op_type in _QUANTIZED:
             raise NotConstant(f"'{name}' is quantized ({node.op_type} '{node.name}'); Q/DQ weights are left alone")
         if node.op_type == "Constant":
@@ -149,6 +154,18 @@ def subgraph_reads(node: onnx.NodeProto) -> set:
                 names.update(i for i in sub.input if i)
                 names.update(subgraph_reads(sub))
     return names
+
+
+def _nondeterministic(node: onnx.NodeProto) -> bool:
+    """The node, or a node of its subgraphs, draws random numbers (Dropout may: its ratio
+    and training_mode can be inputs)."""
+    if node.op_type in NONDETERMINISTIC:
+        return True
+    for attr in node.attribute:
+        graphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+        if any(_nondeterministic(sub) for g in graphs for sub in g.node):
+            return True
+    return False
 
 
 def reads(nodes) -> set:

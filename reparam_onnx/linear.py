@@ -286,17 +286,40 @@ def _evaluate_conv(expr: Conv, ctx: Context):
 
 def _signed_terms(expr: Sum, sign: float = 1.0) -> List[Tuple[float, Expr]]:
     """The terms of nested sums (through no-op Identity/Cast), with their signs: aligned as one bag."""
-    out = []
+    return _flatten(expr, sign)[0]
+
+
+def _flatten(expr: Sum, sign: float = 1.0) -> Tuple[List[Tuple[float, Expr]], List[Tuple[float, np.ndarray]]]:
+    """(signed terms, signed constant operands) of nested sums, through no-op Identity/Cast."""
+    terms, shifts = [], ([(sign, expr.shift)] if expr.shift is not None else [])
     for s, term in expr.terms:
         inner = term
         while isinstance(inner, Affine) and inner.kind == "noop" and not inner.problem:
             inner = inner.input
-        out.extend(_signed_terms(inner, sign * s) if isinstance(inner, Sum) else [(sign * s, term)])
-    return out
+        if isinstance(inner, Sum):
+            more, constants = _flatten(inner, sign * s)
+            terms.extend(more)
+            shifts.extend(constants)
+        else:
+            terms.append((sign * s, term))
+    return terms, shifts
 
 
 def _evaluate_sum(expr: Sum, ctx: Context):
-    values = [(sign, evaluate(term, ctx)) for sign, term in _signed_terms(expr)]
+    signed, shifts = _flatten(expr)
+    value = _sum_terms([(sign, evaluate(term, ctx)) for sign, term in signed], ctx)
+    if not shifts:
+        return value
+    channels = _channels(value, ctx)
+    axis = value.layout.index(1)
+    shift = sum(s * per_channel(c, ctx.rank, channels, False, axis) for s, c in shifts)
+    if isinstance(value, Diag):
+        return Diag(value.scale, value.shift + shift, value.layout, value.pads)
+    return ConvMap(value.kernel, value.bias + shift, value.geometry, value.group, value.layout)
+
+
+def _sum_terms(values, ctx: Context):
+    """Σ sign·value: Diags add up; with a conv, every term becomes a kernel placed in one."""
     layouts = {v.layout for _, v in values}
     if len(layouts) != 1:
         raise NotExact("the branches are summed in different layouts")

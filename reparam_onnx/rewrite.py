@@ -336,9 +336,12 @@ def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
 
 
 def _peel(expr: Expr) -> Optional[Expr]:
-    """The block without its outermost post-op, when it has one above a sum."""
+    """The block without its outermost post-op, when it has one above a sum: an op of its own
+    node (the op stays in the graph after the inner block, so it must not share a node with it)."""
     if isinstance(expr, Affine) and top_terms(expr)[1]:   # the sum at the top, not one beyond the input
-        return expr.input
+        inner = {id(n) for n in block_nodes(expr.input)}
+        if not any(id(n) in inner for n in expr.nodes):
+            return expr.input
     return None
 
 

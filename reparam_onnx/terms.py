@@ -105,6 +105,7 @@ class Pad(Expr):
 @dataclass
 class Sum(Expr):
     terms: List[Tuple[float, Expr]] = field(default_factory=list)   # (sign, term)
+    shift: Optional[np.ndarray] = None     # a constant operand of the same node (Sum(a, c, b)), broadcast like Add's
 
     def children(self):
         return [t for _, t in self.terms]
@@ -258,14 +259,16 @@ def _sum(w: Walker, node, tensor, depth):
     variable = [i for i, c in zip(node.input, consts) if c is None]
     if not variable:
         return None
-    expr = Sum(tensor, [node], terms=[(1.0, w.input(i, depth)) for i in variable])
     fixed = [c.astype(np.float64) for c in consts if c is not None]
-    if fixed:
-        if len(variable) == 1:
-            expr = expr.terms[0][1]
-        shift = sum(fixed[1:], fixed[0])
-        return Affine(tensor, [node], input=expr, shift=shift, kind="noop" if not np.any(shift) else "affine")
-    return expr
+    if any(not np.issubdtype(c.dtype, np.floating) for c in fixed):
+        return None
+    shift = sum(fixed[1:], fixed[0]) if fixed else None
+    if len(variable) == 1:   # Sum(x, c…) is x + Σc
+        return Affine(tensor, [node], input=w.input(variable[0], depth), shift=shift,
+                      kind="noop" if shift is None or not np.any(shift) else "affine")
+    # the constants belong to this node: they are part of the sum, not an op after it
+    return Sum(tensor, [node], terms=[(1.0, w.input(i, depth)) for i in variable],
+               shift=shift if shift is not None and np.any(shift) else None)
 
 
 def _conv(w: Walker, node, tensor, depth):

@@ -312,3 +312,37 @@ def test_blocks_sharing_weights_get_fresh_initializers():
     names = {t.name for t in result.model.graph.initializer}
     assert not names & params
     assert len([n for n in names if n.endswith("reparam.weight")]) == 2
+
+
+@pytest.mark.parametrize("const_shape", [(1, 6, 1, 1), (6, 1, 1), (1,), ()])
+@pytest.mark.parametrize("position", [0, 1, 3])
+def test_sum_with_a_constant_operand(const_shape, position):
+    """Sum(BN(Conv3x3(x)), c, BN(Conv1x1(x)), x): the constant is part of the sum (it once was
+    peeled off with the sum's own node and lost)."""
+    b = Builder(seed=31 + position)
+    x = b.input([1, 6, 9, 7])
+    terms = [b.bn(b.conv(x, 6, 6, (3, 3), pads=(1, 1, 1, 1), bias=False), 6),
+             b.bn(b.conv(x, 6, 6, (1, 1), bias=False), 6), x]
+    terms.insert(position, b.const(b.rng.normal(0, 3.0, const_shape), "c"))
+    result = fuse_and_check(b.model(b.node("Sum", terms)), {"Conv": 1, "Sum": 0})
+    assert [blk.rule for blk in result.report.fused] == ["repvgg"]
+
+
+def test_nested_sums_keep_their_constants():
+    """Constants of nested Sum nodes carry their sign through a Sub."""
+    b = Builder(seed=35)
+    x = b.input([1, 4, 8, 9])
+    inner = b.node("Sum", [b.conv(x, 4, 4, (1, 1), bias=False), b.const(b.rng.normal(0, 2.0, (1, 4, 1, 1)), "c")])
+    outer = b.node("Sub", [b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1), bias=False), 4), inner])
+    fuse_and_check(b.model(b.node("Sum", [outer, x, b.const(b.rng.normal(0, 2.0, (4, 1, 1)), "d")])),
+                   {"Conv": 1, "Sum": 0, "Sub": 0}, verify=False, check_blocks=False)
+
+
+def test_sum_with_a_constant_that_is_not_per_channel_stays():
+    """A constant that varies over H is not a bias: the block stays, and nothing is lost."""
+    from conftest import assert_untouched
+    b = Builder(seed=36)
+    x = b.input([1, 4, 8, 9])
+    terms = [b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), b.conv(x, 4, 4, (1, 1)),
+             b.const(b.rng.normal(0, 1.0, (1, 1, 8, 1)), "c")]
+    assert_untouched(b.model(b.node("Sum", terms)), "not per-channel")

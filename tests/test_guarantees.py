@@ -192,3 +192,30 @@ def test_stable_failure_says_nothing_about_instability(monkeypatch):
     with pytest.raises(VerificationError) as caught:
         fuse_with_report(b.model(repvgg_block(b, x, 4, 4)), check_blocks=False)
     assert "unstable" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- random draws are not constants
+
+
+@pytest.mark.parametrize("op", ["RandomNormal", "RandomUniform", "RandomUniform-in-If"])
+def test_random_parameters_are_not_folded(op):
+    """A Conv bias drawn by RandomNormal (or computed in a subgraph that draws) changes on every
+    run: folding it would freeze one draw. The block stays, with that reason, even unverified."""
+    b = Builder(seed=14)
+    x = b.input([1, 4, 7, 7])
+    if op == "RandomUniform-in-If":
+        then = helper.make_graph([helper.make_node("RandomUniform", [], ["r"], shape=[4])], "then", [],
+                                 [helper.make_tensor_value_info("r", TensorProto.FLOAT, [4])])
+        cond = b.const(np.array(True), "cond")
+        b.inits[-1] = onnx.numpy_helper.from_array(np.array(True), cond)
+        bias = b.node("If", [cond], then_branch=then, else_branch=then)
+    else:
+        bias = b.node(op, [], shape=[4])
+    w = b.const(b.rng.normal(0, 0.5, (4, 4, 3, 3)))
+    y = b.bn(b.node("Conv", [x, w, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 4)
+    model = b.model(y)
+    result = fuse_with_report(model, verify=False, check_blocks=False)
+    assert not result.report.fused
+    (block,) = result.report.blocks
+    assert "non-deterministic" in block.reason
+    assert result.model.SerializeToString() == model.SerializeToString()
