@@ -41,7 +41,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
                      builtin_rules: bool = True, seed: int = 0, rtol: Optional[float] = None,
                      atol: float = 0.0, inputs: Optional[Dict[str, np.ndarray]] = None,
                      initializers_as_constants: bool = False, write: bool = True,
-                     check_blocks: bool = True) -> FuseResult:
+                     check_blocks: bool = True, allow_larger: bool = False) -> FuseResult:
     """Fuse every exact, wanted block and say what happened.
 
     `model` is a path or an onnx.ModelProto; a ModelProto is never modified. `rules`
@@ -50,7 +50,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     they differ beyond rtol/atol or cannot be run. With write=False the model is only
     analysed: the report lists the blocks, and the returned model is the input.
     With check_blocks=True (independent of `verify`) every block is first run alone against
-    its fused conv, and left unfused when they differ.
+    its fused conv, and left unfused when they differ. A block whose merged conv would have
+    more weights (multiply-adds) than its branches stays unless allow_larger=True.
     """
     try:
         rulebook = load_rules(rules, builtin=builtin_rules)
@@ -68,7 +69,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     else:
         work = original            # not edited (analysis), or loaded here and not needed afterwards
     options = FuseOptions(rulebook, initializers_as_constants, str(folder) if folder else None,
-                          check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol)
+                          check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol, allow_larger=allow_larger)
     report.blocks, notes = fuse_graph(work, options, write=write)
     report.notes.extend(notes)
     fused_blocks = [b for b in report.blocks if b.fused]

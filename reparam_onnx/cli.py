@@ -59,6 +59,8 @@ def _load_inputs(path: Optional[str]):
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison of input and output.")
 @click.option("--no-block-checks", is_flag=True,
               help="Skip running each fused block alone against its conv before rewriting it.")
+@click.option("--allow-larger", is_flag=True,
+              help="Merge a block even when the merged Conv has more weights than its branches.")
 @click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
 @click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=str),
               help="A folder of extra rule files (*.toml); repeatable.")
@@ -76,8 +78,8 @@ def command(**options):
     sys.exit(run(**options))
 
 
-def run(*, model, output, in_place, check, no_verify, no_block_checks, report_path, rule_dirs, seed, rtol, atol,
-        inputs_path, initializers_as_constants, quiet, verbose) -> int:
+def run(*, model, output, in_place, check, no_verify, no_block_checks, allow_larger, report_path, rule_dirs, seed,
+        rtol, atol, inputs_path, initializers_as_constants, quiet, verbose) -> int:
     report, error, code = None, None, EXIT_OK
     try:
         if in_place:
@@ -103,7 +105,7 @@ def run(*, model, output, in_place, check, no_verify, no_block_checks, report_pa
         result = fuse_with_report(model, verify=not no_verify, rules=rule_dirs, seed=seed, rtol=rtol, atol=atol,
                                   inputs=_load_inputs(inputs_path),
                                   initializers_as_constants=initializers_as_constants,
-                                  check_blocks=not no_block_checks)
+                                  check_blocks=not no_block_checks, allow_larger=allow_larger)
         report = result.report
         if check:
             remaining = [b for b in report.blocks if b.fusable]

@@ -12,6 +12,7 @@ Per-channel constants are read on the axis where the layout puts C.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,6 +22,9 @@ import numpy as np
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
 from .terms import Affine, Conv, Expr, Leaf, Pad, Shared, Sum, Transpose, block_exprs
+
+
+MAX_MERGED_WEIGHTS = 1 << 26   # a merged kernel is never larger than this, even when asked
 
 
 class NotExact(Exception):
@@ -57,6 +61,7 @@ class Context:
     rank: int                           # spatial rank
     spatial: Optional[Sequence[Optional[int]]]   # static canonical spatial size of the block input (None: unknown)
     layout: tuple = ()                  # how the block input is laid out (identity: N, C, spatial...)
+    allow_larger: bool = False          # merge even when the merged conv costs more than its branches
 
     @property
     def canonical(self) -> tuple:
@@ -348,6 +353,7 @@ def _sum_terms(values, ctx: Context):
     except GeometryError as exc:
         raise NotExact(str(exc)) from None
     size = alignment.geometry.kernel
+    _check_cost(out * (ctx.channels // group) * math.prod(size), sum(c.kernel.size for c in convs), size, ctx)
     total = np.zeros((out, ctx.channels // group) + size)
     bias = np.zeros(out)
     for m, factors, offsets in zip(maps, alignment.dilation_factors, alignment.offsets):
@@ -356,6 +362,20 @@ def _sum_terms(values, ctx: Context):
         total += kernels.place_kernel(kernel, offsets, size)
         bias += m.bias
     return ConvMap(total, bias, alignment.geometry, group, layout)
+
+
+def _check_cost(merged: int, branches: int, size: Sequence[int], ctx: Context) -> None:
+    """The merged conv may not have more weights than its conv branches together (on one
+    output grid, weights are the multiply-adds per output position), unless allowed;
+    and never more than MAX_MERGED_WEIGHTS (coprime dilations can ask for huge kernels)."""
+    shape = "×".join(map(str, size))
+    if merged > MAX_MERGED_WEIGHTS:
+        raise NotExact(f"the merged {shape} conv would have {merged:,} weights, over the limit of "
+                       f"{MAX_MERGED_WEIGHTS:,} (its branches have {branches:,})")
+    if merged > branches and not ctx.allow_larger:
+        raise NotExact(f"the merged {shape} conv would cost more than its branches: {merged:,} weights and "
+                       f"multiply-adds per output position against {branches:,} (×{merged / max(branches, 1):.1f}; "
+                       f"--allow-larger merges it anyway)")
 
 
 def cut(expr: Expr, tensor: str) -> Expr:

@@ -59,6 +59,7 @@ class FuseOptions:
     seed: int = 0
     rtol: Optional[float] = None
     atol: float = 0.0
+    allow_larger: bool = False         # merge blocks even into a conv that costs more than the branches
 
 
 class Fuser:
@@ -160,7 +161,7 @@ class Fuser:
         if channels is None or not 0 < channels <= MAX_CHANNELS:
             return None, f"the channel count of '{source}' is unknown or implausible"
         spatial = tuple(canonical[2:]) if canonical is not None else None
-        return Context(source, channels, rank, spatial, layout), None
+        return Context(source, channels, rank, spatial, layout, self.options.allow_larger), None
 
     def exclusivity(self, expr: Expr, source: str) -> Optional[str]:
         """Every tensor inside the block is read only inside it and is not a graph output."""

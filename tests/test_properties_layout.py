@@ -439,7 +439,8 @@ def check_verdicts(spec: Spec, permissive_rules: str):
               f"expected not fused: {', '.join(sorted(problems)) or geometry}")
     for feature in features(spec):
         event(feature)
-    result = fuse_and_check(model, rules=[permissive_rules], builtin_rules=False)
+    # the subject is layouts: the cost guard (its own property in test_properties.py) is off
+    result = fuse_and_check(model, rules=[permissive_rules], builtin_rules=False, allow_larger=True)
     for blk, out, (fused, problems, in_terms, geometry) in zip(spec.blocks, outs, verdicts):
         report = block_report(result, out)
         assert report.fused == fused, report.reason
