@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
@@ -13,6 +14,9 @@ from .errors import InputError
 
 TWO_GIB = 2**31
 EXTERNAL_THRESHOLD = 1024   # bytes; smaller tensors stay inside the model file
+# the external-data keys onnx reads or writes; any other key might change what the bytes
+# mean to some reader, so it is refused rather than ignored
+EXTERNAL_KEYS = ("location", "offset", "length", "checksum", "basepath")
 
 
 def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
@@ -43,17 +47,41 @@ def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelPr
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    """Initializers, sparse initializers and tensor attributes, subgraphs included: any of
+    them may keep its data in a file."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sparse in attr.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
 
 
 def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
-    from onnx.external_data_helper import load_external_data_for_tensor, ExternalDataInfo
+    from onnx.external_data_helper import load_external_data_for_tensor
     root = folder.resolve()
     files = []
-    for tensor in model.graph.initializer:
+    for tensor in _all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = ExternalDataInfo(tensor).location
+        location, offset, length = _external_entry(tensor)
         target = Path(location)
         if target.is_absolute() or ".." in target.parts:
             raise InputError(f"external data '{location}' of '{tensor.name}' is outside the model's folder; "
@@ -69,6 +97,7 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
         if full.stat().st_nlink > 1:
             raise InputError(f"external data '{location}' is hard-linked; external data must be a regular file "
                              f"inside the model's folder: copy the file next to the model")
+        _check_bounds(tensor, location, offset, length, full.stat().st_size)
         try:
             load_external_data_for_tensor(tensor, str(folder))
         except (OSError, ValueError) as exc:
@@ -78,6 +107,37 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
         if full.resolve() not in files:
             files.append(full.resolve())
     return files
+
+
+def _external_entry(tensor: onnx.TensorProto) -> Tuple[str, int, Optional[int]]:
+    """(location, offset, length or None) of a tensor's external data: each key known and
+    given once, a location, and offset and length written as plain decimal digits."""
+    where = f"external data of '{tensor.name}'"
+    fields = {}
+    for entry in tensor.external_data:
+        if entry.key not in EXTERNAL_KEYS:
+            raise InputError(f"{where} has the unknown key '{entry.key}' (known: {', '.join(EXTERNAL_KEYS)})")
+        if entry.key in fields:
+            raise InputError(f"{where} gives '{entry.key}' twice")
+        fields[entry.key] = entry.value
+    if not fields.get("location"):
+        raise InputError(f"{where} has no 'location'")
+    numbers = {}
+    for key in ("offset", "length"):
+        value = fields.get(key)
+        # int() would also take ' 5', '+5', '1_0', other digits than 0-9, and stall on a million digits
+        if value is not None and not re.fullmatch(r"[0-9]{1,20}", value):
+            raise InputError(f"{where}: '{key}' is {value[:40]!r}, not a byte count")
+        numbers[key] = None if value is None else int(value)
+    return fields["location"], numbers["offset"] or 0, numbers["length"]
+
+
+def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: Optional[int], size: int) -> None:
+    """The tensor's bytes lie inside its data file."""
+    end = offset + (length or 0)
+    if offset > size or end > size:
+        what = f"offset {offset}" + (f" + length {length}" if length is not None else "")
+        raise InputError(f"external data of '{tensor.name}': {what} is past the end of '{location}' ({size} bytes)")
 
 
 def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False,

@@ -1,0 +1,166 @@
+"""The files a run touches: external data entries checked at load, file modes, the report
+never written over a file of the run, --in-place never deleting what another model uses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from hypothesis import given, settings, strategies as st
+from onnx import helper
+
+from conftest import SETTINGS, Builder, invoke, leftovers, one_error_line, repvgg_block
+from reparam_onnx import InputError, io, validate
+
+SHAPE = ["N", 4, 8, 8]
+
+
+def repvgg(seed: int = 0) -> onnx.ModelProto:
+    b = Builder(seed)
+    x = b.input(SHAPE)
+    return b.model(b.node("Relu", [repvgg_block(b, x, 4, 4)]))
+
+
+def save_external(model: onnx.ModelProto, path: Path, location: str = None) -> Path:
+    """`model` at `path`, every initializer in one data file (default '<name>.data')."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location or f"{path.name}.data", size_threshold=0)
+    return path
+
+
+def rewrite_head(path: Path, change) -> None:
+    """Apply change(model) to the model file only (its data file stays as it is)."""
+    model = onnx.load(str(path), load_external_data=False)
+    change(model)
+    path.write_bytes(model.SerializeToString())
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------- item 7: external data entries
+
+
+def _set(key, value):
+    """Set (or add) `key` on the first initializer's external data."""
+    def change(model):
+        tensor = model.graph.initializer[0]
+        entries = [e for e in tensor.external_data if e.key == key]
+        entry = entries[0] if entries else tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return change
+
+
+def _drop(key):
+    def change(model):
+        tensor = model.graph.initializer[0]
+        kept = [(e.key, e.value) for e in tensor.external_data if e.key != key]
+        del tensor.external_data[:]
+        for k, v in kept:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = k, v
+    return change
+
+
+def _twice(key):
+    def change(model):
+        tensor = model.graph.initializer[0]
+        value = next(e.value for e in tensor.external_data if e.key == key)
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return change
+
+
+MALFORMED = {
+    "offset negative": (_set("offset", "-5"), ["'offset'", "'-5'"]),
+    "offset not a number": (_set("offset", "abc"), ["'offset'", "'abc'"]),
+    "offset with a space": (_set("offset", " 5"), ["'offset'"]),
+    "offset with a plus": (_set("offset", "+0"), ["'offset'"]),
+    "offset with an underscore": (_set("offset", "1_0"), ["'offset'"]),
+    "offset of a million digits": (_set("offset", "9" * 10**6), ["'offset'"]),
+    "length negative": (_set("length", "-1"), ["'length'", "'-1'"]),
+    "length not a number": (_set("length", "x"), ["'length'", "'x'"]),
+    "length empty": (_set("length", ""), ["'length'"]),
+    "offset past the end": (_set("offset", "100000"), ["offset 100000", "past the end", "m.onnx.data"]),
+    "length past the end": (_set("length", "100000"), ["length 100000", "past the end", "m.onnx.data"]),
+    "offset without length past the end": (lambda m: (_drop("length")(m), _set("offset", "99999")(m)),
+                                           ["offset 99999", "past the end"]),
+    "no location": (_drop("location"), ["'location'"]),
+    "empty location": (_set("location", ""), ["'location'"]),
+    "unknown key": (_set("colour", "blue"), ["unknown key", "'colour'"]),
+    "location twice": (_twice("location"), ["'location'", "twice"]),
+    "offset twice": (_twice("offset"), ["'offset'", "twice"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_malformed_external_data_entry(kind, tmp_path, capfd):
+    """Exit 2, one line naming the tensor and the field; the input untouched, nothing written."""
+    change, words = MALFORMED[kind]
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    rewrite_head(src, change)
+    name = onnx.load(str(src), load_external_data=False).graph.initializer[0].name
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert invoke([src, "-o", out / "f.onnx"]) == 2
+    line = one_error_line(capfd.readouterr().err)
+    assert f"'{name}'" in line
+    for word in words:
+        assert word in line
+    assert len(line) < 300
+    assert snapshot(tmp_path) == before and leftovers(out) == []
+
+
+def test_external_data_of_a_constant_is_checked_and_read(tmp_path, capfd):
+    """A Constant node's tensor may live in a data file too: checked like an initializer's
+    (exit 2 on a bad entry), and read when it is fine (the block is fused)."""
+    model = repvgg()
+    weight = model.graph.initializer[0]
+    model.graph.initializer.remove(weight)
+    (tmp_path / "c.bin").write_bytes(weight.raw_data)
+    constant = onnx.TensorProto()
+    constant.CopyFrom(weight)
+    constant.ClearField("raw_data")
+    constant.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "c.bin"), ("offset", "abc"), ("length", str(len(weight.raw_data)))):
+        entry = constant.external_data.add()
+        entry.key, entry.value = key, value
+    model.graph.node.insert(0, helper.make_node("Constant", [], [weight.name], value=constant, name="c"))
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    assert invoke([src, "-o", tmp_path / "f.onnx", "-q"]) == 2
+    assert f"'{weight.name}'" in one_error_line(capfd.readouterr().err)
+    assert not (tmp_path / "f.onnx").exists()
+
+    model.graph.node[0].attribute[0].t.external_data[1].value = "0"
+    src.write_bytes(model.SerializeToString())
+    assert invoke([src, "-o", tmp_path / "f.onnx", "-q"]) == 0
+    fused = onnx.load(str(tmp_path / "f.onnx"))
+    assert "BatchNormalization" not in {n.op_type for n in fused.graph.node}
+
+
+@pytest.fixture(scope="module")
+def external_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("external")
+    return save_external(repvgg(), folder / "m.onnx")
+
+
+TEXT = st.one_of(st.text(max_size=12), st.integers(-10, 5000).map(str), st.sampled_from(["0", "", "00", "4096"]))
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(key=st.sampled_from(["offset", "length", "location", "checksum", "other"]), value=TEXT)
+def test_any_external_data_entry_loads_or_is_an_input_error(external_model, key, value):
+    """Whatever an entry says, loading (and the checks at load) give a model or an InputError,
+    never another exception."""
+    model = onnx.load(str(external_model), load_external_data=False)
+    _set(key, value)(model)
+    path = external_model.parent / "edited.onnx"
+    path.write_bytes(model.SerializeToString())
+    try:
+        loaded, _, _ = io.load(path)
+        validate.check_model(loaded)
+    except InputError as exc:
+        assert "\n" not in str(exc)
