@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
@@ -17,6 +18,8 @@ EXTERNAL_THRESHOLD = 1024   # bytes; smaller tensors stay inside the model file
 # the external-data keys onnx reads or writes; any other key might change what the bytes
 # mean to some reader, so it is refused rather than ignored
 EXTERNAL_KEYS = ("location", "offset", "length", "checksum", "basepath")
+
+PathLike = Union[str, os.PathLike]
 
 
 def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
@@ -150,6 +153,8 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool =
     there. No file in `protect` is written. Files in `replaces` (the data files of the model
     being replaced, for --in-place) are removed once the new model is in place, unless the
     new model uses them.
+    A replaced file keeps its mode (a new data file takes that of the first file in
+    `replaces`); a new file gets 0666 & ~umask, as open() would give it.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -157,14 +162,15 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool =
         raise InputError(f"output folder '{folder}' does not exist")
     if path.is_dir():
         raise InputError(f"output path '{path}' is a directory")
-    protect = list(protect)
+    protect, replaces = list(protect), list(replaces)
     if any(same_file(path, p) for p in protect):
         raise InputError(f"writing '{path}' would overwrite the input model; choose another output name")
     external = external or model.ByteSize() >= TWO_GIB
     data_path = None
     if external:
         data_path = _data_path(path, protect)
-        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name))
+        like = None if data_path.exists() else next(iter(replaces), None)
+        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name), like=like)
     write_atomic(path, lambda f: f.write(model.SerializeToString()))
     for old in replaces:
         if data_path is None or not same_file(old, data_path):
@@ -213,12 +219,19 @@ def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
         offset += len(data)
 
 
-def write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write, like: Optional[PathLike] = None) -> None:
+    """Write `path` through a temporary file in its folder (fsync, rename): nothing half-written.
+
+    The file gets the mode of `like`, else of the file it replaces, else 0666 & ~umask
+    (mkstemp alone would make every output 0600).
+    """
+    mode = _mode_of(like) if like is not None and os.path.exists(like) else _mode_of(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     except OSError as exc:
         raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -232,6 +245,32 @@ def write_atomic(path: Path, write) -> None:
         if isinstance(exc, OSError):
             raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
         raise
+
+
+def _mode_of(path: PathLike) -> int:
+    """The permission bits of an existing regular file, else those a new file gets."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):
+            return stat.S_IMODE(info.st_mode) & 0o777
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask; read from /proc where it can be, since reading it with os.umask
+    means setting it for a moment, for every thread."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:

@@ -2,6 +2,8 @@
 never written over a file of the run, --in-place never deleting what another model uses."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import onnx
@@ -9,16 +11,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import helper
 
-from conftest import SETTINGS, Builder, invoke, leftovers, one_error_line, repvgg_block
+from conftest import SETTINGS, Builder, invoke, leftovers, one_error_line, repvgg_block, run_cli
 from reparam_onnx import InputError, io, validate
 
-SHAPE = ["N", 4, 8, 8]
-
-
-def repvgg(seed: int = 0) -> onnx.ModelProto:
+def repvgg(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
+    """x → RepVGG block → Relu; with 8 channels the fused kernel (2304 bytes) goes to the data file."""
     b = Builder(seed)
-    x = b.input(SHAPE)
-    return b.model(b.node("Relu", [repvgg_block(b, x, 4, 4)]))
+    x = b.input(["N", channels, 8, 8])
+    return b.model(b.node("Relu", [repvgg_block(b, x, channels, channels)]))
 
 
 def save_external(model: onnx.ModelProto, path: Path, location: str = None) -> Path:
@@ -164,3 +164,66 @@ def test_any_external_data_entry_loads_or_is_an_input_error(external_model, key,
         validate.check_model(loaded)
     except InputError as exc:
         assert "\n" not in str(exc)
+
+
+# ---------------------------------------------------------------- item 17: file modes
+
+
+@pytest.fixture
+def umask():
+    """set(mask): the process umask for this test; restored afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield os.umask
+    os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002, 0o027], ids=lambda m: f"umask-{m:03o}")
+def test_new_files_follow_the_umask(mask, tmp_path, umask):
+    """The model, its data file and the report get 0666 & ~umask, as open() gives them."""
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    umask(mask)
+    assert invoke([src, "-o", out / "f.onnx", "--report", out / "r.json", "-q"]) == 0
+    assert leftovers(out) == ["f.onnx", "f.onnx.data", "r.json"]
+    assert {p.name: mode(p) for p in out.iterdir()} == dict.fromkeys(leftovers(out), 0o666 & ~mask)
+
+
+def test_new_files_follow_the_umask_subprocess(tmp_path, umask):
+    src = tmp_path / "m.onnx"
+    onnx.save_model(repvgg(), str(src))
+    umask(0o002)
+    proc = run_cli([src, "-o", tmp_path / "f.onnx", "--report", tmp_path / "r.json", "-q"])
+    assert proc.returncode == 0, proc.stderr
+    assert mode(tmp_path / "f.onnx") == mode(tmp_path / "r.json") == 0o664
+
+
+def test_in_place_keeps_the_modes(tmp_path, umask):
+    """The model keeps its mode, the new data file takes the old one's, whatever the umask."""
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    os.chmod(src, 0o640)
+    os.chmod(tmp_path / "m.onnx.data", 0o604)
+    umask(0o077)
+    assert invoke([src, "--in-place", "-q"]) == 0
+    assert leftovers(tmp_path) == ["m.onnx", "m.onnx.1.data"]
+    assert mode(src) == 0o640 and mode(tmp_path / "m.onnx.1.data") == 0o604
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path, umask):
+    """An existing output, data file or report is replaced with its mode, like `>` would."""
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    umask(0o022)
+    args = [src, "-o", out / "f.onnx", "--report", out / "r.json", "-q"]
+    assert invoke(args) == 0
+    modes = {"f.onnx": 0o600, "f.onnx.data": 0o640, "r.json": 0o444}
+    for name, m in modes.items():
+        os.chmod(out / name, m)
+    assert invoke(args) == 0
+    assert {p.name: mode(p) for p in out.iterdir()} == modes
