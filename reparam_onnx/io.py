@@ -6,7 +6,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -19,7 +19,10 @@ EXTERNAL_THRESHOLD = 1024   # bytes; smaller tensors stay inside the model file
 # mean to some reader, so it is refused rather than ignored
 EXTERNAL_KEYS = ("location", "offset", "length", "checksum", "basepath")
 
+INPUT_MODEL = "the input model"
+
 PathLike = Union[str, os.PathLike]
+Files = List[Tuple[str, Path]]   # (what the file is to the run, its path)
 
 
 def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
@@ -143,6 +146,46 @@ def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: 
         raise InputError(f"external data of '{tensor.name}': {what} is past the end of '{location}' ({size} bytes)")
 
 
+def external_locations(path: PathLike) -> Optional[List[Path]]:
+    """The data files a model file refers to (as written, relative to its folder), or None
+    when the file cannot be read as a model (it might refer to anything)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model, unreadable, too large: nothing can be said
+        return None
+    return [path.parent / entry.value for t in _all_tensors(model.graph) for entry in t.external_data
+            if entry.key == "location"]
+
+
+# ---------------------------------------------------------------- the files of a run
+
+def read_files(model: PathLike, extra: Files = ()) -> Files:
+    """Every file a run reads: the input model first, then its external data and `extra`."""
+    data = external_locations(model) or []
+    return [(INPUT_MODEL, Path(model))] + [("the input's external data", p) for p in data] + \
+        [(what, Path(p)) for what, p in extra]
+
+
+def written_files(output: PathLike, protect: Sequence[PathLike]) -> Files:
+    """Every file writing `output` (with `protect` as save() gets it) may write or replace:
+    the model, the data file save() would choose, the data files of the model it replaces."""
+    path = Path(output)
+    replaced = external_locations(path) if path.is_file() else []
+    return [("the output model", path), ("the output's external data", _data_path(path, protect))] + \
+        [("the external data of the output it replaces", p) for p in replaced or []]
+
+
+def refuse_clash(what: str, path: PathLike, files: Files) -> None:
+    """InputError when `path` is one of `files` (compared as the files they name)."""
+    for role, other in files:
+        if same_file(path, other):
+            same = "" if os.path.normpath(path) == os.path.normpath(other) else f" '{other}'"
+            raise InputError(f"{what} '{path}' is {role}{same}; choose another name")
+
+
+# ---------------------------------------------------------------- saving
+
 def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False,
          protect: Iterable[Union[str, os.PathLike]] = (), replaces: Iterable[Union[str, os.PathLike]] = ()) -> None:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
@@ -182,20 +225,12 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool =
 
 def _data_path(path: Path, protect) -> Path:
     """'<output>.data', or the first '<output>.N.data' that is neither protected nor an unrelated file."""
-    own = set()
-    if path.is_file():   # the data files of the output we are replacing may be overwritten
-        try:
-            previous = onnx.load(str(path), load_external_data=False)
-            from onnx.external_data_helper import ExternalDataInfo
-            own = {(path.parent / ExternalDataInfo(t).location).resolve() for t in previous.graph.initializer
-                   if t.data_location == onnx.TensorProto.EXTERNAL}
-        except Exception:  # not a model: nothing of it is ours
-            own = set()
+    own = (external_locations(path) or []) if path.is_file() else []   # the output's data may be replaced
     for n in range(0, 1000):
         candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
         if any(same_file(candidate, p) for p in protect):
             continue
-        if not candidate.exists() or candidate.resolve() in own:
+        if not candidate.exists() or any(same_file(candidate, p) for p in own):
             return candidate
     raise InputError(f"no free name for the external data of '{path}'")
 
@@ -273,10 +308,14 @@ def _umask() -> int:
     return mask
 
 
-def same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file: the same inode when both exist, else the same
+    resolved path (symlinked folders, './' and '..' resolved)."""
     try:
-        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-    except OSError:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
         return False
 
 

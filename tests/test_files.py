@@ -2,17 +2,20 @@
 never written over a file of the run, --in-place never deleting what another model uses."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import helper
 
-from conftest import SETTINGS, Builder, invoke, leftovers, one_error_line, repvgg_block, run_cli
-from reparam_onnx import InputError, io, validate
+from conftest import PERMISSIVE_RULE, SETTINGS, Builder, invoke, leftovers, one_error_line, repvgg_block, run_cli
+from reparam_onnx import InputError, cli, io, validate
 
 def repvgg(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
     """x → RepVGG block → Relu; with 8 channels the fused kernel (2304 bytes) goes to the data file."""
@@ -227,3 +230,173 @@ def test_a_replaced_file_keeps_its_mode(tmp_path, umask):
         os.chmod(out / name, m)
     assert invoke(args) == 0
     assert {p.name: mode(p) for p in out.iterdir()} == modes
+
+
+# ---------------------------------------------------------------- item 5: no file of the run written over another
+
+
+@pytest.fixture
+def run_tree(tmp_path):
+    """A run's files under one root: src/m.onnx (+ m.onnx.data, inputs.npz), rules/r.toml, an
+    earlier output out/f.onnx with its data in out/old.data, and 'via', a symlink to the root."""
+    root = tmp_path / "root"
+    (root / "src").mkdir(parents=True)
+    (root / "rules").mkdir()
+    (root / "out").mkdir()
+    save_external(repvgg(), root / "src" / "m.onnx")
+    np.savez(root / "src" / "inputs.npz", x=np.ones((1, 8, 8, 8), np.float32))
+    (root / "rules" / "r.toml").write_text(PERMISSIVE_RULE)
+    save_external(repvgg(1), root / "out" / "f.onnx", location="old.data")
+    os.symlink(root, root / "via")
+    return root
+
+
+def run_args(root: Path, output: str, report: str):
+    return [root / "src" / "m.onnx", "-o", output, "--inputs", root / "src" / "inputs.npz",
+            "--rules", root / "rules", "--report", report, "-q"]
+
+
+def tree(root: Path) -> dict:
+    """Every file under root (symlinks not followed) with its bytes; symlinks by target."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            found[str(p.relative_to(root))] = os.readlink(p) if p.is_symlink() else \
+                p.read_bytes() if p.is_file() else "dir"
+    return found
+
+
+def spell(root: Path, rel: str, how: str) -> str:
+    """`rel` (under root) spelled another way; the hard link is made here."""
+    folder, _, name = rel.rpartition("/")
+    if how == "plain":
+        return f"{root}/{rel}"
+    if how == "dot":
+        return f"{root}/./{folder}/./{name}"
+    if how == "dotdot":
+        return f"{root}/src/../{folder}/../{folder}/{name}"
+    if how == "symlinked folder":
+        return f"{root}/via/{rel}"
+    if how == "relative":
+        return rel     # the test runs in root
+    if how == "hard link":
+        os.link(root / rel, root / folder / f"alias-{name}")
+        return f"{root}/{folder}/alias-{name}"
+    raise ValueError(how)
+
+
+SPELLINGS = ["plain", "dot", "dotdot", "symlinked folder", "relative", "hard link"]
+# what the report would overwrite: (the file, the output of the run)
+RUN_FILES = {
+    "input model": ("src/m.onnx", "out/f.onnx"),
+    "input data": ("src/m.onnx.data", "out/f.onnx"),
+    "inputs file": ("src/inputs.npz", "out/f.onnx"),
+    "rule file": ("rules/r.toml", "out/f.onnx"),
+    "output model": ("out/f.onnx", "out/f.onnx"),
+    "output data": ("out/f.onnx.data", "out/f.onnx"),
+    "data of the output replaced": ("out/old.data", "out/f.onnx"),
+    "new output model": ("out/g.onnx", "out/g.onnx"),
+    "new output data": ("out/g.onnx.data", "out/g.onnx"),
+}
+NOT_YET = {"output data", "new output model", "new output data"}   # no hard link to a file to be written
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the run gets as far as fusing."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run started working before refusing")
+    monkeypatch.setattr(cli, "fuse_with_report", refuse)
+
+
+@pytest.mark.parametrize("role, how", [(role, how) for role in sorted(RUN_FILES) for how in SPELLINGS
+                                       if how != "hard link" or role not in NOT_YET])
+def test_report_is_never_a_file_of_the_run(role, how, run_tree, capfd, monkeypatch, no_work):
+    """Any spelling of any file the run reads or writes as --report: exit 2 before any work,
+    one line, every file as it was, nothing new (no output, no temporary file)."""
+    rel, output = RUN_FILES[role]
+    monkeypatch.chdir(run_tree)
+    report = spell(run_tree, rel, how)
+    before = tree(run_tree)
+    assert invoke(run_args(run_tree, f"{run_tree}/{output}", report)) == 2
+    line = one_error_line(capfd.readouterr().err)
+    assert "the report" in line and "choose another name" in line
+    assert tree(run_tree) == before
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["report-through-link", "output-through-link"])
+@pytest.mark.parametrize("how", ["plain", "dotdot", "relative"])
+def test_new_output_through_a_symlinked_folder_is_not_the_report(how, swap, run_tree, capfd, monkeypatch, no_work):
+    """A new output and the report name one file, one of them through the symlinked folder."""
+    monkeypatch.chdir(run_tree)
+    output, report = spell(run_tree, "out/g.onnx", how), f"{run_tree}/via/out/g.onnx"
+    if swap:
+        output, report = report, output
+    before = tree(run_tree)
+    assert invoke(run_args(run_tree, output, report)) == 2
+    assert "the report" in one_error_line(capfd.readouterr().err)
+    assert tree(run_tree) == before
+
+
+def test_report_of_the_run_tree_is_fine(run_tree):
+    """The tree of the matrix above runs cleanly with the report elsewhere."""
+    assert invoke(run_args(run_tree, f"{run_tree}/out/g.onnx", f"{run_tree}/out/r.json")) == 0
+    assert json.loads((run_tree / "out" / "r.json").read_text())["exit_code"] == 0
+    assert leftovers(run_tree / "out") == ["f.onnx", "g.onnx", "g.onnx.data", "old.data", "r.json"]
+
+
+def test_report_over_the_input_data_subprocess(tmp_path):
+    """The reviewer's case: exit 0 and a JSON file in place of the weights."""
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    before = tree(tmp_path)
+    proc = run_cli([src, "-o", tmp_path / "f.onnx", "--report", tmp_path / "m.onnx.data"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "external data" in one_error_line(proc.stderr)
+    assert tree(tmp_path) == before
+
+
+def test_check_report_is_not_a_file_of_the_run(run_tree, capfd, no_work):
+    before = tree(run_tree)
+    assert invoke([run_tree / "src" / "m.onnx", "--check", "--report", run_tree / "src" / "m.onnx.data"]) == 2
+    assert "the report" in one_error_line(capfd.readouterr().err)
+    assert tree(run_tree) == before
+
+
+@pytest.mark.parametrize("how", ["plain", "dotdot", "symlinked folder"])
+@pytest.mark.parametrize("rel", ["src/m.onnx.data", "src/inputs.npz", "rules/r.toml"])
+def test_output_is_never_a_file_the_run_reads(rel, how, run_tree, capfd, no_work):
+    before = tree(run_tree)
+    assert invoke(run_args(run_tree, spell(run_tree, rel, how), f"{run_tree}/out/r.json")) == 2
+    line = one_error_line(capfd.readouterr().err)
+    assert "the output" in line and "choose another name" in line
+    assert tree(run_tree) == {**before, "out/r.json": (run_tree / "out" / "r.json").read_bytes()}
+    assert json.loads((run_tree / "out" / "r.json").read_text())["exit_code"] == 2
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing folder"])
+def test_report_that_cannot_be_written_is_refused_before_work(kind, run_tree, capfd, no_work):
+    report = run_tree / "out" if kind == "directory" else run_tree / "nowhere" / "r.json"
+    before = tree(run_tree)
+    assert invoke(run_args(run_tree, f"{run_tree}/out/g.onnx", report)) == 2
+    assert "report" in one_error_line(capfd.readouterr().err)
+    assert tree(run_tree) == before
+
+
+def test_report_is_written_atomically(tmp_path, monkeypatch, capfd):
+    """A report that cannot be written leaves the previous one whole, no temporary file, and
+    an error exit even when the run itself would exit 1 (--check)."""
+    src = tmp_path / "m.onnx"
+    onnx.save_model(repvgg(), str(src))
+    report = tmp_path / "r.json"
+    report.write_text('{"previous": true}\n')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    assert invoke([src, "--check", "--report", report, "-q"]) == 2
+    monkeypatch.undo()
+    line = one_error_line(capfd.readouterr().err)
+    assert "report" in line and "No space left" in line
+    assert report.read_text() == '{"previous": true}\n'
+    assert leftovers(tmp_path) == ["m.onnx", "r.json"]
