@@ -138,15 +138,21 @@ def run(*, model, output, in_place, check, no_verify, no_block_checks, report_pa
         if check:
             remaining = [b for b in report.blocks if b.fusable]
             code = EXIT_CHECK if remaining else EXIT_OK
-        elif output:
-            io.save(result.model, output, external=result.external_data, protect=_protected(reads, in_place),
-                    replaces=result.data_files if in_place else ())
+        # in place with nothing fused, the model and its data files stay as they are, not even rewritten
+        untouched = in_place and not report.written
+        if not check and not untouched:
+            kept = io.save(result.model, output, external=result.external_data,
+                           protect=_protected(reads, in_place), replaces=result.data_files if in_place else ())
         if not quiet:
             click.echo(report.to_text(verbose=verbose, dry_run=check))
             if check:
                 click.echo(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain")
-            elif output:
+            elif untouched:
+                click.echo(f"nothing fused: left {output} as it was")
+            else:
                 click.echo(f"wrote {output}")
+                for path, why in kept:
+                    click.echo(f"kept {path}: {why}")
     except VerificationError as exc:
         report, error, code = exc.report, str(exc), EXIT_VERIFY
         if not quiet and report is not None:

@@ -25,7 +25,7 @@ PathLike = Union[str, os.PathLike]
 Files = List[Tuple[str, Path]]   # (what the file is to the run, its path)
 
 
-def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
+def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
     """(model, folder of the model file or None, the external data files it read).
 
     A ModelProto is returned as given (callers copy before editing). A path is read
@@ -148,8 +148,11 @@ def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: 
 
 def external_locations(path: PathLike) -> Optional[List[Path]]:
     """The data files a model file refers to (as written, relative to its folder), or None
-    when the file cannot be read as a model (it might refer to anything)."""
+    when the file cannot be read as a model (it might refer to anything). Only a regular
+    file is read: a pipe or a FIFO is left for load() to judge, unread."""
     path = Path(path)
+    if not path.is_file():
+        return None
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # not a model, unreadable, too large: nothing can be said
@@ -186,16 +189,18 @@ def refuse_clash(what: str, path: PathLike, files: Files) -> None:
 
 # ---------------------------------------------------------------- saving
 
-def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False,
-         protect: Iterable[Union[str, os.PathLike]] = (), replaces: Iterable[Union[str, os.PathLike]] = ()) -> None:
+def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
+         protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = ()) -> List[Tuple[Path, str]]:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
     to a data file next to the output, named '<output>.data' (or '<output>.N.data' when
-    that name is protected or belongs to an unrelated file). The model is modified to point
-    there. No file in `protect` is written. Files in `replaces` (the data files of the model
-    being replaced, for --in-place) are removed once the new model is in place, unless the
-    new model uses them.
+    that name is protected, belongs to an unrelated file, or is the replaced output's but
+    still used by something else). The model is modified to point there. No file in
+    `protect` is written. Files in `replaces` (the data files of the model being replaced,
+    for --in-place) are removed once the new model is in place, unless the new model uses
+    them or something else may (see still_used): those are kept and returned as
+    (file, why it was kept).
     A replaced file keeps its mode (a new data file takes that of the first file in
     `replaces`); a new file gets 0666 & ~umask, as open() would give it.
     """
@@ -215,24 +220,73 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool =
         like = None if data_path.exists() else next(iter(replaces), None)
         write_atomic(data_path, lambda f: _externalize(model, f, data_path.name), like=like)
     write_atomic(path, lambda f: f.write(model.SerializeToString()))
-    for old in replaces:
-        if data_path is None or not same_file(old, data_path):
-            try:
-                os.unlink(old)
-            except OSError:
-                pass
+    kept = []
+    for old in map(Path, replaces):
+        if data_path is not None and same_file(old, data_path):
+            continue
+        why = still_used(old, path)
+        if why:
+            kept.append((old, why))
+            continue
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
+    return kept
 
 
 def _data_path(path: Path, protect) -> Path:
-    """'<output>.data', or the first '<output>.N.data' that is neither protected nor an unrelated file."""
-    own = (external_locations(path) or []) if path.is_file() else []   # the output's data may be replaced
+    """'<output>.data', or the first '<output>.N.data' that is neither protected nor an
+    unrelated file; a data file of the output being replaced is reused when nothing else uses it."""
+    own = (external_locations(path) or []) if path.is_file() else []
     for n in range(0, 1000):
         candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
         if any(same_file(candidate, p) for p in protect):
             continue
-        if not candidate.exists() or any(same_file(candidate, p) for p in own):
+        if not candidate.exists():
+            return candidate
+        if any(same_file(candidate, p) for p in own) and not still_used(candidate, path):
             return candidate
     raise InputError(f"no free name for the external data of '{path}'")
+
+
+def still_used(data: Path, model: Path) -> Optional[str]:
+    """Why the data file `data` of `model` may be used by something else (None: nothing else uses it).
+
+    Only a data file that nothing else uses may be deleted or overwritten. onnx and
+    onnxruntime refuse a location outside the model's own folder ('..', absolute paths), so
+    another model reaches `data` only from the data file's folder or a folder above it. The
+    *.onnx files from the data file's folder up to `model`'s folder are read (headers only);
+    one that cannot be read counts as using it, and so does another hard link. Not looked
+    at: models in folders above `model`'s that reach down into it ('sub/m.onnx.data').
+    """
+    try:
+        if os.stat(data).st_nlink > 1:
+            return "it has another hard link"
+    except OSError:
+        return None   # gone already: nothing to keep
+    for folder in _folders_up(data.parent, model.parent):
+        try:
+            others = sorted(p for p in folder.iterdir() if p.name.lower().endswith(".onnx"))
+        except OSError as exc:
+            return f"'{folder}' cannot be listed ({exc.strerror or exc}) and may hold a model using it"
+        for other in others:
+            if same_file(other, model) or not other.is_file():
+                continue
+            refs = external_locations(other)
+            if refs is None:
+                return f"'{other}' cannot be read and may use it"
+            if any(same_file(ref, data) for ref in refs):
+                return f"'{other}' uses it"
+    return None
+
+
+def _folders_up(start: Path, top: Path) -> List[Path]:
+    """`start`'s folder and those above it up to `top` (`start` and `top` when `top` is not above)."""
+    folders, top = [start.resolve()], top.resolve()
+    while folders[-1] != top and top in folders[-1].parents:
+        folders.append(folders[-1].parent)
+    return folders if top in folders else folders + [top]
 
 
 def _externalize(model: onnx.ModelProto, handle, location: str) -> None:

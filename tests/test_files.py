@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import helper
 
-from conftest import PERMISSIVE_RULE, SETTINGS, Builder, invoke, leftovers, one_error_line, repvgg_block, run_cli
+from conftest import (PERMISSIVE_RULE, SETTINGS, Builder, assert_equivalent, invoke, leftovers, one_error_line,
+                      random_feeds, repvgg_block, run_cli)
 from reparam_onnx import InputError, cli, io, validate
 
 def repvgg(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
@@ -363,6 +365,16 @@ def test_check_report_is_not_a_file_of_the_run(run_tree, capfd, no_work):
     assert tree(run_tree) == before
 
 
+def test_looking_for_the_files_of_the_run_reads_no_fifo(tmp_path):
+    """The input's data files are looked up in regular files only: a FIFO is refused as
+    before, not read (which would block until a writer comes)."""
+    os.mkfifo(tmp_path / "m.onnx")
+    proc = run_cli([tmp_path / "m.onnx", "-o", tmp_path / "f.onnx", "--report", tmp_path / "r.json"])
+    assert proc.returncode == 2
+    assert "empty" in one_error_line(proc.stderr)
+    assert leftovers(tmp_path) == ["m.onnx", "r.json"]
+
+
 @pytest.mark.parametrize("how", ["plain", "dotdot", "symlinked folder"])
 @pytest.mark.parametrize("rel", ["src/m.onnx.data", "src/inputs.npz", "rules/r.toml"])
 def test_output_is_never_a_file_the_run_reads(rel, how, run_tree, capfd, no_work):
@@ -400,3 +412,113 @@ def test_report_is_written_atomically(tmp_path, monkeypatch, capfd):
     assert "report" in line and "No space left" in line
     assert report.read_text() == '{"previous": true}\n'
     assert leftovers(tmp_path) == ["m.onnx", "r.json"]
+
+
+# ---------------------------------------------------------------- item 6: --in-place never breaks another model
+
+
+def computes(path: Path) -> dict:
+    """What onnxruntime computes with the model file at `path` (it follows symlinked data, onnx does not)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = random_feeds(onnx.load(str(path), load_external_data=False))
+    return {o.name: v.tobytes() for o, v in zip(session.get_outputs(), session.run(None, feeds))}
+
+
+def _same_folder(folder):
+    save_external(repvgg(), folder / "m.onnx", location="shared.data")
+    save_external(repvgg(), folder / "n.onnx", location="shared.data")
+
+
+def _unreadable_neighbour(folder):
+    save_external(repvgg(), folder / "m.onnx")
+    (folder / "broken.onnx").write_bytes(b"not a model")
+
+
+def _subfolder(folder):
+    """m.onnx and n.onnx refer to weights/w.bin; o.onnx, inside weights/, to w.bin."""
+    (folder / "weights").mkdir()
+    save_external(repvgg(), folder / "m.onnx", location="weights/w.bin")
+    save_external(repvgg(), folder / "weights" / "o.onnx", location="w.bin")
+
+
+def _through_a_symlink(folder):
+    save_external(repvgg(), folder / "m.onnx")
+    save_external(repvgg(), folder / "n.onnx", location="alias.data")
+    (folder / "alias.data").unlink()
+    os.symlink("m.onnx.data", folder / "alias.data")
+
+
+# the input's data file is shared: (lay out the folder, the data file that must stay)
+SHARED = {
+    "another model in the folder": (_same_folder, "shared.data"),
+    "an unreadable .onnx in the folder": (_unreadable_neighbour, "m.onnx.data"),
+    "a model in the data file's subfolder": (_subfolder, "weights/w.bin"),
+    "another model through a symlink": (_through_a_symlink, "m.onnx.data"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SHARED))
+def test_in_place_keeps_a_data_file_another_model_may_use(kind, tmp_path, capfd):
+    """The input is fused in place; every other model loads with the same weights as before,
+    and the shared data file keeps its bytes."""
+    make, shared = SHARED[kind]
+    make(tmp_path)
+    src = tmp_path / "m.onnx"
+    original = onnx.load(str(src))
+    others = {p: computes(p) for p in tmp_path.rglob("*.onnx") if p != src and io.external_locations(p)}
+    data_before = (tmp_path / shared).read_bytes()
+    assert invoke([src, "--in-place"]) == 0
+    assert f"kept {(tmp_path / shared).resolve()}" in capfd.readouterr().out
+    assert (tmp_path / shared).read_bytes() == data_before
+    assert {p: computes(p) for p in others} == others
+    fused = onnx.load(str(src))
+    assert "BatchNormalization" not in {n.op_type for n in fused.graph.node}
+    assert_equivalent(original, fused)
+
+
+def test_in_place_removes_a_data_file_nothing_else_uses(tmp_path, capfd):
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    save_external(repvgg(1), tmp_path / "n.onnx")      # a neighbour with its own data
+    assert invoke([src, "--in-place"]) == 0
+    assert "kept" not in capfd.readouterr().out
+    assert leftovers(tmp_path) == ["m.onnx", "m.onnx.1.data", "n.onnx", "n.onnx.data"]
+
+
+def test_output_does_not_reuse_a_data_file_another_model_uses(tmp_path):
+    """-o over an earlier output whose data file another model shares: new data under a new name."""
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    out = save_external(repvgg(1), tmp_path / "f.onnx")
+    save_external(repvgg(1), tmp_path / "n.onnx", location="f.onnx.data")
+    neighbour = computes(tmp_path / "n.onnx")
+    assert invoke([src, "-o", out, "-q"]) == 0
+    assert computes(tmp_path / "n.onnx") == neighbour
+    assert {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+            for e in t.external_data if e.key == "location"} == {"f.onnx.1.data"}
+
+
+def test_output_reuses_its_own_data_file(tmp_path):
+    src = save_external(repvgg(), tmp_path / "m.onnx")
+    out = tmp_path / "f.onnx"
+    for _ in range(2):
+        assert invoke([src, "-o", out, "-q"]) == 0
+    assert leftovers(tmp_path) == ["f.onnx", "f.onnx.data", "m.onnx", "m.onnx.data"]
+
+
+def files_state(folder: Path) -> dict:
+    """Bytes, inode, mtime and mode of every file: what 'not written at all' leaves."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_mode)
+            for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_in_place_with_nothing_to_fuse_writes_nothing(external, tmp_path, capfd):
+    b = Builder(5)
+    x = b.input(["N", 8, 8, 8])
+    model = b.model(b.node("Relu", [b.conv(x, 8, 8, (3, 3), pads=(1, 1, 1, 1))]))
+    src = save_external(model, tmp_path / "p.onnx") if external else tmp_path / "p.onnx"
+    if not external:
+        onnx.save_model(model, str(src))
+    before = files_state(tmp_path)
+    assert invoke([src, "--in-place"]) == 0
+    assert f"nothing fused: left {src} as it was" in capfd.readouterr().out
+    assert files_state(tmp_path) == before
