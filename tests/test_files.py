@@ -19,6 +19,7 @@ from conftest import (PERMISSIVE_RULE, SETTINGS, Builder, assert_equivalent, inv
                       random_feeds, repvgg_block, run_cli)
 from reparam_onnx import InputError, cli, io, validate
 
+
 def repvgg(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
     """x → RepVGG block → Relu; with 8 channels the fused kernel (2304 bytes) goes to the data file."""
     b = Builder(seed)
@@ -44,7 +45,7 @@ def snapshot(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-# ---------------------------------------------------------------- item 7: external data entries
+# ---------------------------------------------------------------- external data entries, checked at load
 
 
 def _set(key, value):
@@ -171,7 +172,7 @@ def test_any_external_data_entry_loads_or_is_an_input_error(external_model, key,
         assert "\n" not in str(exc)
 
 
-# ---------------------------------------------------------------- item 17: file modes
+# ---------------------------------------------------------------- file modes
 
 
 @pytest.fixture
@@ -234,7 +235,7 @@ def test_a_replaced_file_keeps_its_mode(tmp_path, umask):
     assert {p.name: mode(p) for p in out.iterdir()} == modes
 
 
-# ---------------------------------------------------------------- item 5: no file of the run written over another
+# ---------------------------------------------------------------- the report and -o overwrite no file of the run
 
 
 @pytest.fixture
@@ -414,7 +415,7 @@ def test_report_is_written_atomically(tmp_path, monkeypatch, capfd):
     assert leftovers(tmp_path) == ["m.onnx", "r.json"]
 
 
-# ---------------------------------------------------------------- item 6: --in-place never breaks another model
+# ---------------------------------------------------------------- shared data files; in place with nothing fused
 
 
 def computes(path: Path) -> dict:
