@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import click
 
@@ -36,8 +35,36 @@ def _write_report(path: Optional[str], report, error: Optional[str], code: int) 
     try:
         io.write_atomic(target, lambda f: f.write(text.encode("utf-8")))
     except (InputError, OSError) as exc:
-        return f"cannot write the report: {exc}"
+        return f"the report was not written: {exc}"
     return None
+
+
+def _files_of_run(model, output, in_place, check, inputs_path, rule_dirs) -> Tuple[io.Files, io.Files]:
+    """(every file the run reads, every file it may write), as the options say."""
+    extra = [("the --inputs file", inputs_path)] if inputs_path else []
+    for folder in rule_dirs:
+        extra += [("a rule file", p) for p in sorted(Path(folder).glob("*.toml"))]
+    reads = io.read_files(model, extra)
+    target = model if in_place else None if check else output
+    writes = io.written_files(target, _protected(reads, in_place)) if target else []
+    return reads, writes
+
+
+def _protected(reads: io.Files, in_place: bool) -> list:
+    """What the output's data file may not be: every file the run reads (in place, the
+    input model is the output)."""
+    return [path for what, path in reads if not (in_place and what == io.INPUT_MODEL)]
+
+
+def _check_report_path(path: str, files: io.Files) -> None:
+    """The report can be written and is none of the run's files (a JSON file in place of a
+    model or its data would break it)."""
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"the report path '{path}' is a directory")
+    if str(target.parent) and not target.parent.is_dir():
+        raise InputError(f"the report's folder '{target.parent}' does not exist")
+    io.refuse_clash("the report", path, files)
 
 
 def _load_inputs(path: Optional[str]):
@@ -81,7 +108,12 @@ def command(**options):
 def run(*, model, output, in_place, check, no_verify, no_block_checks, allow_larger, report_path, rule_dirs, seed,
         rtol, atol, inputs_path, initializers_as_constants, quiet, verbose) -> int:
     report, error, code = None, None, EXIT_OK
+    asked, report_path = report_path, None   # no report until its path is known to be safe
     try:
+        reads, writes = _files_of_run(model, output, in_place, check, inputs_path, rule_dirs)
+        if asked:
+            _check_report_path(asked, reads + writes)
+            report_path = asked
         if in_place:
             if output and not io.same_file(model, output):
                 raise InputError("--in-place writes to the input; do not give another -o/--output")
@@ -92,10 +124,8 @@ def run(*, model, output, in_place, check, no_verify, no_block_checks, allow_lar
             raise InputError("missing -o/--output (or use --check, or --in-place)")
         if output and io.same_file(model, output) and not in_place:
             raise InputError("the output path is the input path; choose another output or give --in-place")
-        if report_path and (io.same_file(model, report_path) or (output and os.path.abspath(report_path)
-                                                                == os.path.abspath(output))):
-            report_path = None  # never write the report over what it is about
-            raise InputError("the report path is the input or the output path; choose another report name")
+        if output and not check and not in_place:
+            io.refuse_clash("the output", output, [f for f in reads if f[0] != io.INPUT_MODEL])
         if rtol is not None and not math.isfinite(rtol) or not math.isfinite(atol):
             raise InputError("--rtol and --atol must be finite numbers")
         if output and Path(output).is_dir():
@@ -110,18 +140,21 @@ def run(*, model, output, in_place, check, no_verify, no_block_checks, allow_lar
         if check:
             remaining = [b for b in report.blocks if b.fusable]
             code = EXIT_CHECK if remaining else EXIT_OK
-        elif output:
-            if in_place:
-                io.save(result.model, output, external=result.external_data, protect=result.data_files,
-                        replaces=result.data_files)
-            else:
-                io.save(result.model, output, external=result.external_data, protect=[model] + result.data_files)
+        # in place with nothing fused, the model and its data files stay as they are, not even rewritten
+        untouched = in_place and not report.written
+        if not check and not untouched:
+            kept = io.save(result.model, output, external=result.external_data,
+                           protect=_protected(reads, in_place), replaces=result.data_files if in_place else ())
         if not quiet:
             click.echo(report.to_text(verbose=verbose, dry_run=check))
             if check:
                 click.echo(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain")
-            elif output:
+            elif untouched:
+                click.echo(f"nothing fused: left {output} as it was")
+            else:
                 click.echo(f"wrote {output}")
+                for path, why in kept:
+                    click.echo(f"kept {path}: {why}")
     except VerificationError as exc:
         report, error, code = exc.report, str(exc), EXIT_VERIFY
         if not quiet and report is not None:
@@ -135,8 +168,8 @@ def run(*, model, output, in_place, check, no_verify, no_block_checks, allow_lar
     problem = _write_report(report_path, report, error, code)
     if error:
         _fail(error, code)
-    if problem:
-        code = code or EXIT_INPUT
+    if problem:   # a pipeline reading the report must not take exit 0 or 1 for success
+        code = max(code, EXIT_INPUT)
         _fail(problem, code)
     return code
 

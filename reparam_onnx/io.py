@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -13,9 +15,17 @@ from .errors import InputError
 
 TWO_GIB = 2**31
 EXTERNAL_THRESHOLD = 1024   # bytes; smaller tensors stay inside the model file
+# the external-data keys onnx reads or writes; any other key might change what the bytes
+# mean to some reader, so it is refused rather than ignored
+EXTERNAL_KEYS = ("location", "offset", "length", "checksum", "basepath")
+
+INPUT_MODEL = "the input model"
+
+PathLike = Union[str, os.PathLike]
+Files = List[Tuple[str, Path]]   # (what the file is to the run, its path)
 
 
-def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
+def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
     """(model, folder of the model file or None, the external data files it read).
 
     A ModelProto is returned as given (callers copy before editing). A path is read
@@ -43,17 +53,41 @@ def load(source: Union[str, os.PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelPr
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph))
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    """Initializers, sparse initializers and tensor attributes, subgraphs included: any of
+    them may keep its data in a file."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+            if attr.HasField("sparse_tensor"):
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
+            for sparse in attr.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
 
 
 def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
-    from onnx.external_data_helper import load_external_data_for_tensor, ExternalDataInfo
+    from onnx.external_data_helper import load_external_data_for_tensor
     root = folder.resolve()
     files = []
-    for tensor in model.graph.initializer:
+    for tensor in _all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = ExternalDataInfo(tensor).location
+        location, offset, length = _external_entry(tensor)
         target = Path(location)
         if target.is_absolute() or ".." in target.parts:
             raise InputError(f"external data '{location}' of '{tensor.name}' is outside the model's folder; "
@@ -69,6 +103,7 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
         if full.stat().st_nlink > 1:
             raise InputError(f"external data '{location}' is hard-linked; external data must be a regular file "
                              f"inside the model's folder: copy the file next to the model")
+        _check_bounds(tensor, location, offset, length, full.stat().st_size)
         try:
             load_external_data_for_tensor(tensor, str(folder))
         except (OSError, ValueError) as exc:
@@ -80,16 +115,94 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
     return files
 
 
-def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool = False,
-         protect: Iterable[Union[str, os.PathLike]] = (), replaces: Iterable[Union[str, os.PathLike]] = ()) -> None:
+def _external_entry(tensor: onnx.TensorProto) -> Tuple[str, int, Optional[int]]:
+    """(location, offset, length or None) of a tensor's external data: each key known and
+    given once, a location, and offset and length written as plain decimal digits."""
+    where = f"external data of '{tensor.name}'"
+    fields = {}
+    for entry in tensor.external_data:
+        if entry.key not in EXTERNAL_KEYS:
+            raise InputError(f"{where} has the unknown key '{entry.key}' (known: {', '.join(EXTERNAL_KEYS)})")
+        if entry.key in fields:
+            raise InputError(f"{where} gives '{entry.key}' twice")
+        fields[entry.key] = entry.value
+    if not fields.get("location"):
+        raise InputError(f"{where} has no 'location'")
+    numbers = {}
+    for key in ("offset", "length"):
+        value = fields.get(key)
+        # int() would also take ' 5', '+5', '1_0', other digits than 0-9, and stall on a million digits
+        if value is not None and not re.fullmatch(r"[0-9]{1,20}", value):
+            raise InputError(f"{where}: '{key}' is {value[:40]!r}, not a byte count")
+        numbers[key] = None if value is None else int(value)
+    return fields["location"], numbers["offset"] or 0, numbers["length"]
+
+
+def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: Optional[int], size: int) -> None:
+    """The tensor's bytes lie inside its data file."""
+    end = offset + (length or 0)
+    if offset > size or end > size:
+        what = f"offset {offset}" + (f" + length {length}" if length is not None else "")
+        raise InputError(f"external data of '{tensor.name}': {what} is past the end of '{location}' ({size} bytes)")
+
+
+def external_locations(path: PathLike) -> Optional[List[Path]]:
+    """The data files a model file refers to (as written, relative to its folder), or None
+    when the file cannot be read as a model (it might refer to anything). Only a regular
+    file is read: a pipe or a FIFO is left for load() to judge, unread."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model, unreadable, too large: nothing can be said
+        return None
+    return [path.parent / entry.value for t in _all_tensors(model.graph) for entry in t.external_data
+            if entry.key == "location"]
+
+
+# ---------------------------------------------------------------- the files of a run
+
+def read_files(model: PathLike, extra: Files = ()) -> Files:
+    """Every file a run reads: the input model first, then its external data and `extra`."""
+    data = external_locations(model) or []
+    return [(INPUT_MODEL, Path(model))] + [("the input's external data", p) for p in data] + \
+        [(what, Path(p)) for what, p in extra]
+
+
+def written_files(output: PathLike, protect: Sequence[PathLike]) -> Files:
+    """Every file writing `output` (with `protect` as save() gets it) may write or replace:
+    the model, the data file save() would choose, the data files of the model it replaces."""
+    path = Path(output)
+    replaced = external_locations(path) if path.is_file() else []
+    return [("the output model", path), ("the output's external data", _data_path(path, protect))] + \
+        [("the external data of the output it replaces", p) for p in replaced or []]
+
+
+def refuse_clash(what: str, path: PathLike, files: Files) -> None:
+    """InputError when `path` is one of `files` (compared as the files they name)."""
+    for role, other in files:
+        if same_file(path, other):
+            same = "" if os.path.normpath(path) == os.path.normpath(other) else f" '{other}'"
+            raise InputError(f"{what} '{path}' is {role}{same}; choose another name")
+
+
+# ---------------------------------------------------------------- saving
+
+def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
+         protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = ()) -> List[Tuple[Path, str]]:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
     to a data file next to the output, named '<output>.data' (or '<output>.N.data' when
-    that name is protected or belongs to an unrelated file). The model is modified to point
-    there. No file in `protect` is written. Files in `replaces` (the data files of the model
-    being replaced, for --in-place) are removed once the new model is in place, unless the
-    new model uses them.
+    that name is protected, belongs to an unrelated file, or is the replaced output's but
+    still used by something else). The model is modified to point there. No file in
+    `protect` is written. Files in `replaces` (the data files of the model being replaced,
+    for --in-place) are removed once the new model is in place, unless the new model uses
+    them or something else may (see still_used): those are kept and returned as
+    (file, why it was kept).
+    A replaced file keeps its mode (a new data file takes that of the first file in
+    `replaces`); a new file gets 0666 & ~umask, as open() would give it.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -97,41 +210,83 @@ def save(model: onnx.ModelProto, path: Union[str, os.PathLike], external: bool =
         raise InputError(f"output folder '{folder}' does not exist")
     if path.is_dir():
         raise InputError(f"output path '{path}' is a directory")
-    protect = list(protect)
+    protect, replaces = list(protect), list(replaces)
     if any(same_file(path, p) for p in protect):
         raise InputError(f"writing '{path}' would overwrite the input model; choose another output name")
     external = external or model.ByteSize() >= TWO_GIB
     data_path = None
     if external:
         data_path = _data_path(path, protect)
-        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name))
+        like = None if data_path.exists() else next(iter(replaces), None)
+        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name), like=like)
     write_atomic(path, lambda f: f.write(model.SerializeToString()))
-    for old in replaces:
-        if data_path is None or not same_file(old, data_path):
-            try:
-                os.unlink(old)
-            except OSError:
-                pass
+    kept = []
+    for old in map(Path, replaces):
+        if data_path is not None and same_file(old, data_path):
+            continue
+        why = still_used(old, path)
+        if why:
+            kept.append((old, why))
+            continue
+        try:
+            os.unlink(old)
+        except OSError:
+            pass
+    return kept
 
 
 def _data_path(path: Path, protect) -> Path:
-    """'<output>.data', or the first '<output>.N.data' that is neither protected nor an unrelated file."""
-    own = set()
-    if path.is_file():   # the data files of the output we are replacing may be overwritten
-        try:
-            previous = onnx.load(str(path), load_external_data=False)
-            from onnx.external_data_helper import ExternalDataInfo
-            own = {(path.parent / ExternalDataInfo(t).location).resolve() for t in previous.graph.initializer
-                   if t.data_location == onnx.TensorProto.EXTERNAL}
-        except Exception:  # not a model: nothing of it is ours
-            own = set()
+    """'<output>.data', or the first '<output>.N.data' that is neither protected nor an
+    unrelated file; a data file of the output being replaced is reused when nothing else uses it."""
+    own = (external_locations(path) or []) if path.is_file() else []
     for n in range(0, 1000):
         candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
         if any(same_file(candidate, p) for p in protect):
             continue
-        if not candidate.exists() or candidate.resolve() in own:
+        if not candidate.exists():
+            return candidate
+        if any(same_file(candidate, p) for p in own) and not still_used(candidate, path):
             return candidate
     raise InputError(f"no free name for the external data of '{path}'")
+
+
+def still_used(data: Path, model: Path) -> Optional[str]:
+    """Why the data file `data` of `model` may be used by something else (None: nothing else uses it).
+
+    Only a data file that nothing else uses may be deleted or overwritten. onnx and
+    onnxruntime refuse a location outside the model's own folder ('..', absolute paths), so
+    another model reaches `data` only from the data file's folder or a folder above it. The
+    *.onnx files from the data file's folder up to `model`'s folder are read (headers only);
+    one that cannot be read counts as using it, and so does another hard link. Not looked
+    at: models in folders above `model`'s that reach down into it ('sub/m.onnx.data').
+    """
+    try:
+        if os.stat(data).st_nlink > 1:
+            return "it has another hard link"
+    except OSError:
+        return None   # gone already: nothing to keep
+    for folder in _folders_up(data.parent, model.parent):
+        try:
+            others = sorted(p for p in folder.iterdir() if p.name.lower().endswith(".onnx"))
+        except OSError as exc:
+            return f"'{folder}' cannot be listed ({exc.strerror or exc}) and may hold a model using it"
+        for other in others:
+            if same_file(other, model) or not other.is_file():
+                continue
+            refs = external_locations(other)
+            if refs is None:
+                return f"'{other}' cannot be read and may use it"
+            if any(same_file(ref, data) for ref in refs):
+                return f"'{other}' uses it"
+    return None
+
+
+def _folders_up(start: Path, top: Path) -> List[Path]:
+    """`start`'s folder and those above it up to `top` (`start` and `top` when `top` is not above)."""
+    folders, top = [start.resolve()], top.resolve()
+    while folders[-1] != top and top in folders[-1].parents:
+        folders.append(folders[-1].parent)
+    return folders if top in folders else folders + [top]
 
 
 def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
@@ -153,12 +308,19 @@ def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
         offset += len(data)
 
 
-def write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write, like: Optional[PathLike] = None) -> None:
+    """Write `path` through a temporary file in its folder (fsync, rename): nothing half-written.
+
+    The file gets the mode of `like`, else of the file it replaces, else 0666 & ~umask
+    (mkstemp alone would make every output 0600).
+    """
+    mode = _mode_of(like) if like is not None and os.path.exists(like) else _mode_of(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     except OSError as exc:
         raise InputError(f"cannot write '{path}': {exc.strerror or exc}") from None
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -174,10 +336,40 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
-def same_file(a: Union[str, os.PathLike], b: Union[str, os.PathLike]) -> bool:
+def _mode_of(path: PathLike) -> int:
+    """The permission bits of an existing regular file, else those a new file gets."""
     try:
-        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-    except OSError:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):
+            return stat.S_IMODE(info.st_mode) & 0o777
+    except (OSError, ValueError):
+        pass
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask; read from /proc where it can be, since reading it with os.umask
+    means setting it for a moment, for every thread."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether two paths name one file: the same inode when both exist, else the same
+    resolved path (symlinked folders, './' and '..' resolved)."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
         return False
 
 
