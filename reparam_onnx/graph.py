@@ -37,6 +37,7 @@ class GraphIndex:
         self.opset = opset
         self.producer: Dict[str, onnx.NodeProto] = {}
         self.consumers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
+        self.shape_readers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)   # consumers that read only shape/dtype
         for node in graph.node:
             for name in node.output:
                 if name:
@@ -44,6 +45,9 @@ class GraphIndex:
             for name in node.input:
                 if name:
                     self.consumers[name].append(node)
+            for name in set(node.input):
+                if name and shape_only_reader(node, name):
+                    self.shape_readers[name].append(node)
             # A subgraph (If/Loop/Scan body) may read outer tensors: count it as a consumer.
             for name in subgraph_reads(node):
                 self.consumers[name].append(node)
@@ -57,6 +61,10 @@ class GraphIndex:
 
     def fan_out(self, name: str) -> int:
         return len(self.consumers.get(name, ())) + (name in self.outputs)
+
+    def value_fan_out(self, name: str) -> int:
+        """Readers of the tensor's values (a Shape or CastLike reads only its shape or dtype)."""
+        return self.fan_out(name) - len(self.shape_readers.get(name, ()))
 
     def overridable(self, name: str) -> bool:
         """An initializer that is also a graph input can be replaced at run time."""
@@ -132,6 +140,14 @@ class GraphIndex:
         if any(d is None for d in dims):
             raise NotConstant(f"{node.op_type} '{node.name}' reads '{name}', whose shape is dynamic")
         return np.zeros(dims, dtype)
+
+
+def shape_only_reader(node: onnx.NodeProto, name: str) -> bool:
+    """`node` reads `name` only for its shape or dtype (every position it appears at is such)."""
+    if node.domain not in ("", "ai.onnx") or name in subgraph_reads(node):
+        return False
+    positions = [pos for pos, inp in enumerate(node.input) if inp == name]
+    return all(pos in _SHAPE_ONLY_INPUTS.get(node.op_type, ()) for pos in positions)
 
 
 def unique_name(name: str, used: set) -> str:

@@ -164,9 +164,12 @@ class Fuser:
         return Context(source, channels, rank, spatial, layout, self.options.allow_larger), None
 
     def exclusivity(self, expr: Expr, source: str) -> Optional[str]:
-        """Every tensor inside the block is read only inside it and is not a graph output."""
+        """Every tensor inside the block is read only inside it and is not a graph output; a
+        reader of its shape or dtype only counts as inside when it dies with the block (it
+        computes nothing but the block's parameters: the dynamo exporter's CastLike(1, y))."""
         nodes = block_nodes(expr, source)
         inside = {id(n) for n in nodes}
+        dying = None
         for node in nodes:
             for tensor in node.output:
                 if not tensor or tensor == expr.tensor:
@@ -174,9 +177,35 @@ class Fuser:
                 if tensor in self.index.outputs:
                     return f"'{tensor}' inside the block is a graph output"
                 for consumer in self.index.consumers.get(tensor, ()):
-                    if id(consumer) not in inside:
-                        return f"'{tensor}' inside the block is also read by '{consumer.name or consumer.op_type}'"
+                    if id(consumer) in inside:
+                        continue
+                    if any(r is consumer for r in self.index.shape_readers.get(tensor, ())):
+                        dying = self._parameter_nodes(nodes, source) if dying is None else dying
+                        if id(consumer) in dying:
+                            continue
+                    return f"'{tensor}' inside the block is also read by '{consumer.name or consumer.op_type}'"
         return None
+
+    def _parameter_nodes(self, nodes, source: str) -> Set[int]:
+        """Nodes outside the block whose every output is read only by the block or by other such
+        nodes (and is no graph output): the block's parameter subgraphs, removed with it."""
+        inside = {id(n) for n in nodes}
+        dying: Set[int] = set()
+
+        def only_feeds_the_block(node) -> bool:
+            return all(o not in self.index.outputs and
+                       all(id(c) in inside or id(c) in dying for c in self.index.consumers.get(o, ()))
+                       for o in node.output if o)
+
+        stack = [self.index.producer[i] for n in nodes for i in n.input if i and i != source and i in self.index.producer]
+        while stack:
+            node = stack.pop()
+            if id(node) in inside or id(node) in dying or not only_feeds_the_block(node):
+                continue
+            dying.add(id(node))
+            # a producer refused before may qualify now that this reader is known to die
+            stack.extend(self.index.producer[i] for i in reads([node]) if i != source and i in self.index.producer)
+        return dying
 
     def _decision(self, expr, source, rule, reason, shape, value=None) -> Decision:
         nodes = block_nodes(expr, source) if reason is None else _top_nodes(expr) or block_nodes(expr, source)

@@ -154,7 +154,7 @@ class Walker:
     def _walk(self, tensor: str, root: bool, depth: int, shared: bool) -> Expr:
         index = self.index
         if not root:
-            consumers = index.fan_out(tensor)
+            consumers = index.value_fan_out(tensor)   # shape readers are checked by rewrite.Fuser.exclusivity
             if tensor in index.outputs or consumers > 1:
                 reason = f"'{tensor}' is a graph output" if tensor in index.outputs else \
                     f"'{tensor}' has {consumers} consumers"

@@ -346,3 +346,42 @@ def test_sum_with_a_constant_that_is_not_per_channel_stays():
     terms = [b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), b.conv(x, 4, 4, (1, 1)),
              b.const(b.rng.normal(0, 1.0, (1, 1, 8, 1)), "c")]
     assert_untouched(b.model(b.node("Sum", terms)), "not per-channel")
+
+
+def _affine_free_bn(b: Builder, y: str, channels: int, via_shape: bool, leak: bool = False) -> str:
+    """BatchNorm2d(affine=False) as the dynamo exporter writes it without optimization: scale and
+    bias are Expand(CastLike(1 or 0, y), shape), reading y only for its dtype (and shape)."""
+    one, zero = b.const(np.array(1.0), "one"), b.const(np.array(0.0), "zero")
+    if via_shape:
+        shape = b.node("Shape", [y], start=1, end=2)
+    else:
+        shape = b.name("shape")
+        b.inits.append(onnx.numpy_helper.from_array(np.array([channels], np.int64), shape))
+    scale = b.node("Expand", [b.node("CastLike", [one, y]), shape])
+    bias = b.node("Expand", [b.node("CastLike", [zero, y]), shape])
+    if leak:   # the shape is also used elsewhere: the reader outlives the block
+        b.output(b.node("Cast", [shape], to=onnx.TensorProto.FLOAT))
+    mean, var = b.const(b.rng.normal(0, 0.5, channels), "mean"), b.const(b.rng.uniform(0.5, 2, channels), "var")
+    return b.node("BatchNormalization", [y, scale, bias, mean, var])
+
+
+@pytest.mark.parametrize("via_shape", [False, True])
+def test_shape_only_readers_die_with_the_block(via_shape):
+    """CastLike/Shape readers of a conv output that only compute the BN's parameters are not
+    consumers: the Conv→BN folds (alone and as RepVGG branches), and they go with it."""
+    b = Builder(seed=37)
+    x = b.input([1, 4, 9, 7])
+    chain = _affine_free_bn(b, b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1), bias=False), 4, via_shape)
+    y = b.node("Relu", [chain])
+    block = b.add(_affine_free_bn(b, b.conv(y, 4, 4, (3, 3), pads=(1, 1, 1, 1), bias=False), 4, via_shape),
+                  _affine_free_bn(b, b.conv(y, 4, 4, (1, 1), bias=False), 4, via_shape), y)
+    result = fuse_and_check(b.model(block), {"Conv": 2, "Add": 0, "CastLike": 0, "Shape": 0, "Expand": 0})
+    assert sorted(blk.rule for blk in result.report.fused) == ["conv_bn", "repvgg"]
+
+
+def test_shape_reader_that_outlives_the_block_keeps_it():
+    from conftest import assert_untouched
+    b = Builder(seed=38)
+    x = b.input([1, 4, 9, 7])
+    y = _affine_free_bn(b, b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1), bias=False), 4, True, leak=True)
+    assert_untouched(b.model(b.node("Relu", [y])), "is also read by 'shape")
