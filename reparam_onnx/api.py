@@ -12,10 +12,9 @@ from . import io
 from .errors import InputError, VerificationError
 from .report import Report, Verification
 from .rewrite import FuseOptions, fuse_graph, op_counts
-from .shapes import static_shapes
 from .rulebook import RuleError, load_rules
 from . import validate
-from .shapes import SPATIAL
+from .shapes import SPATIAL, covering_sizes, static_shapes
 from .verify import compare, has_dynamic_spatial, random_inputs, too_large
 
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
@@ -103,17 +102,37 @@ def _verify(original, fused, fused_blocks, seed, rtol, atol, inputs) -> Verifica
     compared = [b.output for b in fused_blocks if b.output in produced]
     if inputs is not None:
         runs = [inputs]
-    else:   # at an odd and an even size when inputs have dynamic dims past the batch (SAME pads move with parity)
-        sizes = (SPATIAL, SPATIAL - 1) if has_dynamic_spatial(original) else (SPATIAL,)
+    else:
+        sizes, short = [SPATIAL], []
+        if has_dynamic_spatial(original):   # every residue a fused conv's output grid depends on
+            sizes, short = covering_sizes(fused, _fused_convs(fused, fused_blocks))
         try:
             runs = [random_inputs(original, seed, size) for size in sizes]
         except ValueError as exc:
             return Verification(ran=False, passed=False, message=str(exc))
     result = compare(original, fused, compared, types, runs=runs, seed=seed, rtol=rtol, atol=atol,
                      random=inputs is None)
+    if inputs is None and has_dynamic_spatial(original) and short:
+        result.message = "; ".join(filter(None, [result.message, (
+            f"at {len(sizes)} input sizes, the input of {', '.join(short[:3])} did not take every residue "
+            f"modulo its stride (each block alone was checked at all of them)")]))
     for b in fused_blocks:
         b.error = result.errors.get(b.output)
     return result
+
+
+def _fused_convs(fused: onnx.ModelProto, fused_blocks) -> List[onnx.NodeProto]:
+    """The Conv nodes that fused blocks became (they write the block's output, or feed its Transpose)."""
+    outputs = {b.output for b in fused_blocks}
+    producer = {o: n for n in fused.graph.node for o in n.output}
+    convs = []
+    for name in outputs:
+        node = producer.get(name)
+        if node is not None and node.op_type == "Transpose":
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type == "Conv":
+            convs.append(node)
+    return sorted(convs, key=lambda n: n.name)
 
 
 def fuse(model: ModelLike, **options) -> onnx.ModelProto:

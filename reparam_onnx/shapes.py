@@ -8,7 +8,7 @@ trusted. A dim of -1, 0 or a symbolic name is unknown.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -21,9 +21,16 @@ SPATIAL = 17     # stands in for other dynamic axes: odd on purpose
 Shapes = Dict[str, tuple]   # tensor name → (dims with None where not guaranteed, numpy dtype)
 
 
-def static_shapes(model: onnx.ModelProto) -> Shapes:
-    """Guaranteed shapes and dtypes of every tensor shape inference reaches (see the module doc)."""
+def static_shapes(model: onnx.ModelProto, inputs: Optional[Dict[str, Sequence[int]]] = None) -> Shapes:
+    """Guaranteed shapes and dtypes of every tensor shape inference reaches (see the module doc);
+    with `inputs`, as they would be when the graph inputs have those dims."""
     skeleton = _skeleton(model)
+    for info in skeleton.graph.input:
+        if inputs and info.name in inputs:
+            shape = info.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in inputs[info.name]:
+                shape.dim.add().dim_value = int(d)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is a help, not a requirement: without it nothing is static
@@ -155,3 +162,39 @@ def _required_length(node: onnx.NodeProto, pos: int, initializers, rank: int) ->
             trans_a, trans_b = attributes(node).get("transA", 0), attributes(node).get("transB", 0)
             return (0 if trans_a else 1), int(w[1] if trans_b else w[0])
     return None
+
+
+MAX_SIZE_RUNS = 8          # input sizes the whole-model verification runs at, at most
+MAX_SIZE_PROBES = 24       # sizes whose shapes are inferred to choose them
+
+
+def covering_sizes(model: onnx.ModelProto, convs: Sequence[onnx.NodeProto]) -> Tuple[List[int], List[str]]:
+    """Sizes for the dynamic input dims (an odd and an even one at least) at which every strided
+    conv of `convs` reads an input whose length, per spatial axis, takes every residue modulo
+    its stride, as far as MAX_SIZE_RUNS sizes reach; and the convs left short of that."""
+    need = {}
+    for conv in convs:
+        strides = attributes(conv).get("strides") or ()
+        for axis, stride in enumerate(strides):
+            if stride > 1:
+                need[(conv.input[0], axis)] = (int(stride), conv.name or conv.output[0])
+    chosen, seen = [SPATIAL, SPATIAL - 1], {key: set() for key in need}
+    if not need:
+        return chosen, []
+    for size in chosen + list(range(SPATIAL + 1, SPATIAL + MAX_SIZE_PROBES - 1)):
+        covered = all(len(seen[key]) == stride for key, (stride, _) in need.items())
+        if size not in chosen and (covered or len(chosen) >= MAX_SIZE_RUNS):
+            break
+        shapes = static_shapes(model, input_dims(model, size))
+        gained = False
+        for (tensor, axis), (stride, _) in need.items():
+            dims = shapes.get(tensor, (None, None))[0]
+            if dims is None or len(dims) <= axis + 2 or dims[axis + 2] is None:
+                continue
+            residue = dims[axis + 2] % stride
+            gained = gained or residue not in seen[(tensor, axis)]
+            seen[(tensor, axis)].add(residue)
+        if gained and size not in chosen:
+            chosen.append(size)
+    short = sorted({name for key, (stride, name) in need.items() if len(seen[key]) < stride})
+    return chosen, short

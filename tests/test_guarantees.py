@@ -219,3 +219,25 @@ def test_random_parameters_are_not_folded(op):
     (block,) = result.report.blocks
     assert "non-deterministic" in block.reason
     assert result.model.SerializeToString() == model.SerializeToString()
+
+
+# ---------------------------------------------------------------- verification sizes
+
+
+def test_whole_model_verification_covers_every_stride_residue():
+    """A stride-3 block behind a stride-2 stem, on a dynamic input: the sizes chosen make the
+    block's input length take every residue modulo 3 (17 and 16 alone give 9 and 8 only)."""
+    b = Builder(seed=15)
+    x = b.input([1, 4, "H", "W"])
+    h = b.node("Relu", [b.conv(x, 4, 4, (3, 3), (2, 2), (1, 1, 1, 1))])
+    k3 = b.bn(b.conv(h, 4, 4, (3, 3), (3, 3), (1, 1, 1, 1), bias=False), 4)
+    k1 = b.bn(b.conv(h, 4, 4, (1, 1), (3, 3), (0, 0, 0, 0), bias=False), 4)
+    model = b.model(b.add(k3, k1))
+    result = fuse_with_report(model)
+    v = result.report.verification
+    assert v.passed and "residue" not in v.message
+    from reparam_onnx.api import _fused_convs
+    from reparam_onnx.shapes import covering_sizes
+    sizes, short = covering_sizes(result.model, _fused_convs(result.model, result.report.fused))
+    assert sizes == [17, 16, 19] and not short and v.runs == 3
+    assert {((n - 1) // 2 + 1) % 3 for n in sizes} == {0, 1, 2}   # the stem's output length mod 3
