@@ -70,6 +70,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     options = FuseOptions(rulebook, initializers_as_constants, str(folder) if folder else None,
                           check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol, allow_larger=allow_larger)
     report.blocks, notes = fuse_graph(work, options, write=write)
+    for block in report.unfused:
+        block.risk = None   # figures of weights that were never written
     report.notes.extend(notes)
     fused_blocks = [b for b in report.blocks if b.fused]
     result_model = work if write and fused_blocks else original

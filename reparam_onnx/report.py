@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
+
+from . import risk as _risk
+from .risk import NumericRisk
 
 
 @dataclass
@@ -18,6 +21,7 @@ class BlockReport:
     kernel: Optional[List[int]] = None   # spatial size of the merged kernel
     error: Optional[float] = None     # whole-model verification: max|Δ|/max|ref| of this block's output
     check: Optional[float] = None     # the block run alone against its fused conv: max|Δ|/max|ref|
+    risk: Optional[NumericRisk] = None   # float16 range and int8 spread of the fused weights (risk.py)
 
     @property
     def fusable(self) -> bool:
@@ -71,6 +75,7 @@ class Report:
             "not_fused": len(self.unfused),
             "per_rule": self.per_rule(),
         }
+        data["summary"]["risk"] = risk_summary(self)
         return data
 
     def to_text(self, verbose: bool = False, dry_run: bool = False) -> str:
@@ -81,6 +86,7 @@ class Report:
                                                           if per_rule else ""))
         for b in self.fused if verbose else []:
             lines.append(f"  {verb} [{b.rule}] {b.output} <- {b.input}: {b.shape}")
+            lines.extend(_risk.block_lines(b.risk))
         if self.unfused:
             lines.append(f"left {len(self.unfused)} block(s) as they were:")
             for b in self.unfused:
@@ -88,6 +94,7 @@ class Report:
         lines.append("ops: " + _op_delta(self.ops_before, self.ops_after))
         for note in self.notes:
             lines.append(f"note: {note}")
+        lines.extend(_risk.warning_lines(risk_summary(self)))
         v = self.verification
         if v is not None:
             if not v.ran:
@@ -110,3 +117,8 @@ def _op_delta(before: Dict[str, int], after: Dict[str, int]) -> str:
         b, a = before.get(op, 0), after.get(op, 0)
         parts.append(f"{op} {b}" if a == b else f"{op} {b}→{a}")
     return ", ".join(parts) + f" (nodes {sum(before.values())}→{sum(after.values())})"
+
+
+def risk_summary(report: Report) -> Dict[str, Any]:
+    """The whole-model numeric risk figures over the fused blocks (risk.summary)."""
+    return _risk.summary([(b.output, b.risk) for b in report.fused])

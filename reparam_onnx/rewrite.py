@@ -21,6 +21,7 @@ from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
 from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout, top_terms
 from .report import BlockReport
+from .risk import numeric_risk
 from .rulebook import Rule, block_shape, first_accepting
 from .shapes import static_shapes
 from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block_nodes
@@ -229,6 +230,7 @@ class Fuser:
             if not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
                 reason = f"fused weights exceed the {dtype.name} range"
             else:
+                decision.report.risk = numeric_risk(value.kernel, value.bias)   # of the exact float64 weights
                 # cast once, now: the float64 kernels of every block need not wait for the rewrite
                 value.kernel, value.bias = value.kernel.astype(dtype), value.bias.astype(dtype)
             decision.dtype = dtype.type
