@@ -1,7 +1,9 @@
-"""Command line: argument handling and printing only; the work is in api.py.
+"""Command line: argument handling and printing only; the work is in api.py (one model)
+and batch.py (many models, a worker process each).
 
 Exit codes: 0 success, 1 --check found fusable blocks, 2 usage or input error,
-3 verification failed or could not run, 4 internal error (a bug).
+3 verification failed or could not run, 4 internal error (a bug). Many models: the worst
+(highest) of theirs.
 """
 from __future__ import annotations
 
@@ -9,45 +11,66 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import click
 
-from . import __version__, io
+from . import __version__, batch, io, risk
 from .api import fuse_with_report
 from .errors import InputError, ReparamError, VerificationError
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT, EXIT_VERIFY, EXIT_BUG = 0, 1, 2, 3, 4
+STDOUT = "-"    # --report -: the JSON on stdout, the human lines on stderr
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
+    """The one error line on stderr; returns `code`."""
     click.echo(f"reparam-onnx: error: {' '.join(message.split())}", err=True)
     return code
 
 
-def _write_report(path: Optional[str], report, error: Optional[str], code: int) -> Optional[str]:
+def say(text: str, report_path: Optional[str]) -> None:
+    """A human line: on stdout, or on stderr when the JSON report goes to stdout."""
+    click.echo(text, err=report_path == STDOUT)
+
+
+def write_json(path: Optional[str], data: Dict[str, Any]) -> Optional[str]:
+    """Write the JSON report (atomically, or to stdout for '-'); why it could not be written, if so."""
     if not path:
         return None
-    data = report.to_dict() if report is not None else {}
-    data.update({"exit_code": code, "error": error, "version": __version__})
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    target = Path(path)
+    if path == STDOUT:
+        click.echo(text, nl=False)
+        return None
     try:
-        io.write_atomic(target, lambda f: f.write(text.encode("utf-8")))
+        io.write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
     except (InputError, OSError) as exc:
         return f"the report was not written: {exc}"
     return None
 
 
-def _files_of_run(model, output, in_place, check, inputs_path, rule_dirs) -> Tuple[io.Files, io.Files]:
+def _report_data(report, error: Optional[str], code: int, model: str, output: Optional[str],
+                 kept: List[Tuple[Path, str]]) -> Dict[str, Any]:
+    data = report.to_dict() if report is not None else {}
+    data.update({"exit_code": code, "error": error, "version": __version__, "model": model, "output": output,
+                 "kept": [{"file": str(path), "why": why} for path, why in kept]})
+    return data
+
+
+def files_of_run(model, output, in_place, check, inputs_path, rule_dirs) -> Tuple[io.Files, io.Files]:
     """(every file the run reads, every file it may write), as the options say."""
-    extra = [("the --inputs file", inputs_path)] if inputs_path else []
-    for folder in rule_dirs:
-        extra += [("a rule file", p) for p in sorted(Path(folder).glob("*.toml"))]
-    reads = io.read_files(model, extra)
+    reads = io.read_files(model, rule_files(inputs_path, rule_dirs))
     target = model if in_place else None if check else output
     writes = io.written_files(target, _protected(reads, in_place)) if target else []
     return reads, writes
+
+
+def rule_files(inputs_path: Optional[str], rule_dirs: Sequence[str]) -> io.Files:
+    """The files a run reads besides the model and its data: --inputs and the rule files."""
+    extra = [("the --inputs file", Path(inputs_path))] if inputs_path else []
+    for folder in rule_dirs:
+        extra += [("a rule file", p) for p in sorted(Path(folder).glob("*.toml"))]
+    return extra
 
 
 def _protected(reads: io.Files, in_place: bool) -> list:
@@ -56,9 +79,11 @@ def _protected(reads: io.Files, in_place: bool) -> list:
     return [path for what, path in reads if not (in_place and what == io.INPUT_MODEL)]
 
 
-def _check_report_path(path: str, files: io.Files) -> None:
+def check_report_path(path: str, files: io.Files) -> None:
     """The report can be written and is none of the run's files (a JSON file in place of a
-    model or its data would break it)."""
+    model or its data would break it); '-' is stdout."""
+    if path == STDOUT:
+        return
     target = Path(path)
     if target.is_dir():
         raise InputError(f"the report path '{path}' is a directory")
@@ -79,8 +104,10 @@ def _load_inputs(path: Optional[str]):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
-@click.option("-o", "--output", type=click.Path(path_type=str), help="Where to write the fused model.")
+@click.argument("models", metavar="MODEL...", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", type=click.Path(path_type=str), help="Where to write the fused model (one MODEL).")
+@click.option("--out-dir", type=click.Path(path_type=str),
+              help="Many models (or a folder): write each fused model here, under its own file name.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL (and its external data) with the fused model.")
 @click.option("--check", is_flag=True, help="Analyse only; exit 1 if fusable blocks remain, 0 if none.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime comparison of input and output.")
@@ -88,7 +115,10 @@ def _load_inputs(path: Optional[str]):
               help="Skip running each fused block alone against its conv before rewriting it.")
 @click.option("--allow-larger", is_flag=True,
               help="Merge a block even when the merged Conv has more weights than its branches.")
-@click.option("--report", "report_path", type=click.Path(path_type=str), help="Write a JSON report here.")
+@click.option("--report", "report_path", type=click.Path(path_type=str),
+              help="Write a JSON report here ('-': to stdout, the other lines to stderr).")
+@click.option("--summary", is_flag=True,
+              help="Print the whole-model numeric risk figures (float16 range, int8 channel spread).")
 @click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=str),
               help="A folder of extra rule files (*.toml); repeatable.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random verification inputs.")
@@ -97,22 +127,39 @@ def _load_inputs(path: Optional[str]):
 @click.option("--inputs", "inputs_path", type=click.Path(path_type=str), help="Verification inputs (.npz by input name).")
 @click.option("--initializers-as-constants", is_flag=True,
               help="Treat initializers listed as graph inputs as constants (old exports, IR < 4).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Many models: how many run at once  [default: the number of cores]")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="List every block.")
 @click.version_option(__version__, prog_name="reparam-onnx")
 def command(**options):
-    """Fuse re-parameterizable blocks of MODEL (ONNX) into single Convs and write them to OUTPUT."""
+    """Fuse re-parameterizable blocks of MODEL (ONNX) into single Convs and write them to OUTPUT.
+
+    MODEL may be given several times, or be a folder (its *.onnx files): each model is
+    fused in a process of its own and written to --out-dir under its own name (or checked
+    with --check, or replaced with --in-place).
+    """
     sys.exit(run(**options))
 
 
-def run(*, model, output, in_place, check, no_verify, no_block_checks, allow_larger, report_path, rule_dirs, seed,
-        rtol, atol, inputs_path, initializers_as_constants, quiet, verbose) -> int:
-    report, error, code = None, None, EXIT_OK
+def run(*, models, output, out_dir, jobs, quiet, verbose, summary, report_path, **options) -> int:
+    """One model (a file, no --out-dir) in this process; otherwise a batch."""
+    if len(models) == 1 and out_dir is None and not Path(models[0]).is_dir():
+        return run_one(model=models[0], output=output, quiet=quiet, verbose=verbose, summary=summary,
+                       report_path=report_path, **options)
+    return batch.run(models, output=output, out_dir=out_dir, jobs=jobs, quiet=quiet, verbose=verbose,
+                     summary=summary, report_path=report_path, options=options)
+
+
+def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow_larger, report_path, rule_dirs,
+            seed, rtol, atol, inputs_path, initializers_as_constants, quiet, verbose, summary) -> int:
+    """One model, in this process."""
+    report, error, code, kept = None, None, EXIT_OK, []
     asked, report_path = report_path, None   # no report until its path is known to be safe
     try:
-        reads, writes = _files_of_run(model, output, in_place, check, inputs_path, rule_dirs)
+        reads, writes = files_of_run(model, output, in_place, check, inputs_path, rule_dirs)
         if asked:
-            _check_report_path(asked, reads + writes)
+            check_report_path(asked, reads + writes)
             report_path = asked
         if in_place:
             if output and not io.same_file(model, output):
@@ -144,33 +191,37 @@ def run(*, model, output, in_place, check, no_verify, no_block_checks, allow_lar
         untouched = in_place and not report.written
         if not check and not untouched:
             kept = io.save(result.model, output, external=result.external_data,
-                           protect=_protected(reads, in_place), replaces=result.data_files if in_place else ())
+                           protect=_protected(reads, in_place),
+                           replaces=result.data_files if in_place else ())
         if not quiet:
-            click.echo(report.to_text(verbose=verbose, dry_run=check))
+            say(report.to_text(verbose=verbose, dry_run=check), asked)
+            if summary:
+                say("\n".join(risk.summary_lines(report.to_dict()["summary"]["risk"])), asked)
             if check:
-                click.echo(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain")
+                say(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain", asked)
             elif untouched:
-                click.echo(f"nothing fused: left {output} as it was")
+                say(f"nothing fused: left {output} as it was", asked)
             else:
-                click.echo(f"wrote {output}")
+                say(f"wrote {output}", asked)
                 for path, why in kept:
-                    click.echo(f"kept {path}: {why}")
+                    say(f"kept {path}: {why}", asked)
     except VerificationError as exc:
         report, error, code = exc.report, str(exc), EXIT_VERIFY
         if not quiet and report is not None:
-            click.echo(report.to_text(verbose=verbose))
+            say(report.to_text(verbose=verbose), asked)
     except ReparamError as exc:
         error, code = str(exc), exc.exit_code
     except MemoryError:
         error, code = "out of memory", EXIT_INPUT
     except Exception as exc:  # a bug: still one line, never a traceback
         error, code = f"internal error ({type(exc).__name__}: {exc}); please report it", EXIT_BUG
-    problem = _write_report(report_path, report, error, code)
+    written = output if code in (EXIT_OK, EXIT_CHECK) and not check else None
+    problem = write_json(report_path, _report_data(report, error, code, model, written, kept))
     if error:
-        _fail(error, code)
+        fail(error, code)
     if problem:   # a pipeline reading the report must not take exit 0 or 1 for success
         code = max(code, EXIT_INPUT)
-        _fail(problem, code)
+        fail(problem, code)
     return code
 
 
@@ -178,13 +229,13 @@ def main(argv=None) -> None:
     try:
         command.main(args=argv, prog_name="reparam-onnx", standalone_mode=False)
     except click.exceptions.UsageError as exc:
-        sys.exit(_fail(f"{exc.format_message()} (see --help)", EXIT_INPUT))
+        sys.exit(fail(f"{exc.format_message()} (see --help)", EXIT_INPUT))
     except click.exceptions.Abort:
-        sys.exit(_fail("aborted", 130))
+        sys.exit(fail("aborted", 130))
     except SystemExit:
         raise
     except Exception as exc:  # pragma: no cover - click internals
-        sys.exit(_fail(f"internal error ({type(exc).__name__}: {exc})", EXIT_BUG))
+        sys.exit(fail(f"internal error ({type(exc).__name__}: {exc})", EXIT_BUG))
     sys.exit(0)
 
 

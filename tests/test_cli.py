@@ -554,3 +554,98 @@ def test_report_path_equal_to_output_is_rejected(model_path, outdir):
     code = invoke([model_path, "-o", out, "--report", out, "-q"])
     assert code == 2
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- python -m reparam_onnx
+
+def run_module(args, cwd=None):
+    """`python -m reparam_onnx ARGS` in a subprocess."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "reparam_onnx", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_python_dash_m_fuses(model_path, outdir):
+    out = outdir / "fused.onnx"
+    proc = run_module([model_path, "-o", out])
+    assert proc.returncode == 0, proc.stderr
+    assert "fused 1 block(s): 1 repvgg" in proc.stdout and proc.stderr == ""
+    assert_equivalent(onnx.load(str(model_path)), onnx.load(str(out)))
+
+
+@pytest.mark.parametrize("args, code", [(["--check"], 1), (["-o", "{out}"], 0), (["--bogus"], 2),
+                                        (["--version"], 0)], ids=["check", "fuse", "usage", "version"])
+def test_python_dash_m_has_the_commands_exit_codes(args, code, model_path, outdir):
+    args = [a.format(out=outdir / "f.onnx") for a in args]
+    via_module = run_module([model_path, *args])
+    via_cli = run_cli([model_path, *args])
+    assert via_module.returncode == via_cli.returncode == code
+    assert via_module.stdout.replace(str(outdir), "") == via_cli.stdout.replace(str(outdir), "")
+    if code == 2:
+        assert one_error_line(via_module.stderr) == one_error_line(via_cli.stderr)
+
+
+def test_python_dash_m_bad_input_is_one_line(tmp_path, outdir):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    proc = run_module([bad, "-o", outdir / "f.onnx"])
+    assert proc.returncode == 2
+    assert "bad.onnx" in one_error_line(proc.stderr)
+    assert leftovers(outdir) == []
+
+
+# ---------------------------------------------------------------- --report - and --summary
+
+def test_report_to_stdout_puts_the_lines_on_stderr(model_path, outdir):
+    proc = run_module([model_path, "-o", outdir / "f.onnx", "--report", "-", "-v"])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["exit_code"] == 0 and data["blocks"][0]["rule"] == "repvgg"
+    assert data["model"] == str(model_path) and data["output"] == str(outdir / "f.onnx")
+    assert "fused [repvgg]" in proc.stderr and f"wrote {outdir / 'f.onnx'}" in proc.stderr
+
+
+def test_report_to_stdout_on_error(tmp_path, outdir):
+    proc = run_module([tmp_path / "nope.onnx", "-o", outdir / "f.onnx", "--report", "-"])
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["exit_code"] == 2
+    assert "does not exist" in one_error_line(proc.stderr)
+
+
+def test_report_to_stdout_quiet_check(model_path, capfd):
+    assert invoke([model_path, "--check", "-q", "--report", "-"]) == 1
+    captured = capfd.readouterr()
+    assert json.loads(captured.out)["exit_code"] == 1 and captured.err == ""
+
+
+def test_report_names_a_file_called_dash_with_a_path(model_path, outdir, monkeypatch):
+    monkeypatch.chdir(outdir)
+    assert invoke([model_path, "--check", "-q", "--report", "./-"]) == 1
+    assert json.loads((outdir / "-").read_text())["exit_code"] == 1
+
+
+def test_summary_prints_the_numeric_risk(model_path, outdir, capfd):
+    assert invoke([model_path, "-o", outdir / "f.onnx", "--summary"]) == 0
+    out = capfd.readouterr().out
+    assert "numeric risk of the 1 fused block(s):" in out
+    assert "float16 range" in out and "int8 limit 16x" in out
+    assert out.index("numeric risk") < out.index("wrote ")
+
+
+def test_report_has_the_numeric_risk(model_path, outdir, tmp_path):
+    report = tmp_path / "r.json"
+    assert invoke([model_path, "-o", outdir / "f.onnx", "--report", report, "-q"]) == 0
+    data = json.loads(report.read_text())
+    risk = data["blocks"][0]["risk"]
+    assert set(risk) == {"weight_min", "weight_max", "bias_min", "bias_max", "channel_spread", "int8_error",
+                         "int8_error_per_channel", "warnings"}
+    assert data["summary"]["risk"]["blocks"] == 1
+    assert data["summary"]["risk"]["channel_spread_max"] == risk["channel_spread"]
+
+
+def test_help_lists_the_batch_and_risk_options(capsys):
+    assert invoke(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("MODEL...", "--out-dir", "-j, --jobs", "--summary", "--report"):
+        assert option in out
