@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
 
 from . import io
 from .errors import InputError, VerificationError
-from .report import Report, Verification
+from .report import BlockReport, Report, Verification
 from .rewrite import FuseOptions, fuse_graph, op_counts
 from .rulebook import RuleError, load_rules
 from . import validate
 from .shapes import SPATIAL, covering_sizes, static_shapes
 from .verify import compare, has_dynamic_spatial, random_inputs, too_large
 
-ModelLike = Union[str, os.PathLike, onnx.ModelProto]
+ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
 
 _UNSUPPORTED_OPS = {"If": "If", "Loop": "Loop", "Scan": "Scan",
                     "QuantizeLinear": "quantized (Q/DQ)", "DequantizeLinear": "quantized (Q/DQ)",
@@ -92,7 +92,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     return FuseResult(result_model, report, [str(f) for f in data_files])
 
 
-def _verify(original, fused, fused_blocks, seed, rtol, atol, inputs) -> Verification:
+def _verify(original: onnx.ModelProto, fused: onnx.ModelProto, fused_blocks: Sequence[BlockReport], seed: int,
+            rtol: Optional[float], atol: float, inputs: Optional[Dict[str, np.ndarray]]) -> Verification:
     """The whole-model comparison, on the graph outputs and every fused block's output."""
     shapes = static_shapes(original)
     huge = too_large(shapes)
@@ -105,7 +106,8 @@ def _verify(original, fused, fused_blocks, seed, rtol, atol, inputs) -> Verifica
     if inputs is not None:
         runs = [inputs]
     else:
-        sizes, short = [SPATIAL], []
+        sizes: List[int] = [SPATIAL]
+        short: List[str] = []
         if has_dynamic_spatial(original):   # every residue a fused conv's output grid depends on
             sizes, short = covering_sizes(fused, _fused_convs(fused, fused_blocks))
         try:
@@ -123,7 +125,7 @@ def _verify(original, fused, fused_blocks, seed, rtol, atol, inputs) -> Verifica
     return result
 
 
-def _fused_convs(fused: onnx.ModelProto, fused_blocks) -> List[onnx.NodeProto]:
+def _fused_convs(fused: onnx.ModelProto, fused_blocks: Sequence[BlockReport]) -> List[onnx.NodeProto]:
     """The Conv nodes that fused blocks became (they write the block's output, or feed its Transpose)."""
     outputs = {b.output for b in fused_blocks}
     producer = {o: n for n in fused.graph.node for o in n.output}
@@ -137,9 +139,14 @@ def _fused_convs(fused: onnx.ModelProto, fused_blocks) -> List[onnx.NodeProto]:
     return sorted(convs, key=lambda n: n.name)
 
 
-def fuse(model: ModelLike, **options) -> onnx.ModelProto:
-    """The fused model; see fuse_with_report for the options."""
-    return fuse_with_report(model, **options).model
+def fuse(model: ModelLike, *, verify: bool = True, rules: Iterable[str] = (), builtin_rules: bool = True,
+         seed: int = 0, rtol: Optional[float] = None, atol: float = 0.0,
+         inputs: Optional[Dict[str, np.ndarray]] = None, initializers_as_constants: bool = False,
+         write: bool = True, check_blocks: bool = True, allow_larger: bool = False) -> onnx.ModelProto:
+    """The fused model; see fuse_with_report for the options (the same, spelled out for type checkers)."""
+    return fuse_with_report(model, verify=verify, rules=rules, builtin_rules=builtin_rules, seed=seed, rtol=rtol,
+                            atol=atol, inputs=inputs, initializers_as_constants=initializers_as_constants,
+                            write=write, check_blocks=check_blocks, allow_larger=allow_larger).model
 
 
 def _failure(v: Verification) -> str:
@@ -150,7 +157,7 @@ def _failure(v: Verification) -> str:
     return f"{text}; {v.message}" if v.message else text
 
 
-def _elem_type(dtype) -> int:
+def _elem_type(dtype: Any) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 

@@ -65,10 +65,10 @@ class Report:
     def per_rule(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
         for b in self.fused:
-            counts[b.rule] = counts.get(b.rule, 0) + 1
+            counts[str(b.rule)] = counts.get(str(b.rule), 0) + 1
         return dict(sorted(counts.items()))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         data = asdict(self)
         data["summary"] = {
             "fused": len(self.fused),

@@ -77,6 +77,7 @@ def test_wheel_contains_rules(wheel):
         assert f"reparam_onnx/rules/{f}" in names, f"{f} missing from the wheel"
     assert sorted(n.split("/")[-1] for n in names if n.startswith("reparam_onnx/rules/")) == RULE_FILES
     assert "reparam_onnx/__init__.py" in names and "reparam_onnx/cli.py" in names
+    assert "reparam_onnx/py.typed" in names and "reparam_onnx/__main__.py" in names
     assert not any(n.startswith(("tests/", "fixtures/", "benchmarks/")) for n in names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as z:
@@ -121,3 +122,10 @@ def test_checkout_rules_dir_subprocess(tmp_path):
     assert _inside(info["package"], ROOT)
     assert Path(info["rules_dir"]).resolve() == (ROOT / "rules").resolve()
     assert info["rules"] == _rule_names()
+
+
+def test_installed_wheel_python_dash_m_runs(installed, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "reparam_onnx", "--version"], cwd=str(tmp_path),
+                          env=_env(PYTHONPATH=str(installed)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "reparam-onnx" in proc.stdout
