@@ -7,10 +7,11 @@ use). A model that fails is that model's failure and the others go on; a worker 
 (a crash in native code, a kill) is exit 4 for its model, and the temporary files it left
 are removed, so a failed model leaves nothing half-written.
 
-Refused before any work (exit 2): -o (several outputs need --out-dir), a missing --out-dir,
-a folder without *.onnx files, a model given twice, two models that would be written to
-one file, an output that is a file some model of the batch reads, a --report that is any
-file of the batch.
+Refused before any work (exit 2): -o (several outputs need --out-dir), an --out-dir whose
+parent folder is missing (--out-dir itself is created, and removed again when every model
+failed), a folder without *.onnx files, a model given twice, two models that would be
+written to one file, an output that is a file some model of the batch reads, a --report
+that is any file of the batch.
 
 Printed in input order: one line per model (a failed model's is its error line on
 stderr), then a tally. The exit code is the worst (highest) of the models'. The JSON
@@ -101,9 +102,10 @@ def refuse(models: Sequence[str], work: Sequence[Job], output: Optional[str], ou
     folder = Path(out_dir) if out_dir else None
     if folder is None:
         raise InputError("several models (or a folder): missing --out-dir DIR (or use --check, or --in-place)")
-    if not folder.is_dir():
-        raise InputError(f"--out-dir '{out_dir}' " + ("is not a directory" if folder.exists()
-                                                       else "does not exist (it is not created)"))
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out-dir '{out_dir}' is not a directory")
+    if not folder.exists() and not folder.absolute().parent.is_dir():
+        raise InputError(f"the folder of --out-dir '{out_dir}' does not exist (only --out-dir itself is created)")
     _refuse_shared_outputs(work)
     for job in work:
         assert job.output is not None
@@ -149,15 +151,19 @@ def run(models: Sequence[str], *, output: Optional[str], out_dir: Optional[str],
         verbose: bool, summary: bool, report_path: Optional[str], options: Dict[str, Any]) -> int:
     """The batch; the worst exit code of its models (2 when it is refused before any work)."""
     asked, report_path = report_path, None   # no report until its path is known to be safe
+    created = None
     try:
         work = plan(expand(models), out_dir, options)
         reads, writes = _files_of_batch(work, options)
+        if out_dir and not (output or options["check"] or options["in_place"]):
+            created = _make_folder(out_dir)   # first: the report may go there too
         if asked:
             cli.check_report_path(asked, reads + writes)
             report_path = asked
         refuse(models, work, output, out_dir, options, reads)
     except InputError as exc:
         problem = cli.write_json(report_path, _batch_data([], str(exc), cli.EXIT_INPUT))
+        _remove_if_empty(created)
         cli.fail(str(exc), cli.EXIT_INPUT)
         if problem:
             cli.fail(problem, cli.EXIT_INPUT)
@@ -166,6 +172,7 @@ def run(models: Sequence[str], *, output: Optional[str], out_dir: Optional[str],
     for outcome in run_jobs(work, options, verbose, min(jobs or available_cores(), len(work))):
         _print(outcome, options["check"], quiet, verbose, summary, asked)
         outcomes.append(outcome)
+    _remove_if_empty(created)   # every model failed: leave no trace
     code = max(o.code for o in outcomes)
     if not quiet:
         counts = {c: sum(o.code == c for o in outcomes) for c in sorted(OUTCOMES)}
@@ -176,6 +183,26 @@ def run(models: Sequence[str], *, output: Optional[str], out_dir: Optional[str],
         code = max(code, cli.EXIT_INPUT)
         cli.fail(problem, code)
     return code
+
+
+def _make_folder(out_dir: str) -> Optional[Path]:
+    """Create --out-dir when it is missing and its parent is a folder (else refuse() says what
+    is wrong); the folder when created here."""
+    folder = Path(out_dir)
+    if folder.exists() or not folder.absolute().parent.is_dir():
+        return None
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot create --out-dir '{out_dir}': {exc.strerror or exc}") from None
+    return folder
+
+
+def _remove_if_empty(folder: Optional[Path]) -> None:
+    if folder is not None and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _files_of_batch(work: Sequence[Job], options: Dict[str, Any]) -> Tuple[io.Files, io.Files]:

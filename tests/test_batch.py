@@ -112,6 +112,29 @@ def test_a_folder_is_its_onnx_files(tmp_path, out, capfd):
     assert leftovers(out) == ["a.ONNX", "z.onnx"]
 
 
+def test_out_dir_is_created(models, tmp_path):
+    assert invoke([*models, "--out-dir", tmp_path / "deploy", "-q"]) == 0
+    assert leftovers(tmp_path / "deploy") == ["a.onnx", "b.onnx", "c.onnx"]
+
+
+def test_report_inside_a_created_out_dir(models, tmp_path):
+    assert invoke([*models, "--out-dir", tmp_path / "deploy", "-q", "--report", tmp_path / "deploy" / "r.json"]) == 0
+    assert leftovers(tmp_path / "deploy") == ["a.onnx", "b.onnx", "c.onnx", "r.json"]
+
+
+def test_refused_batch_removes_the_out_dir_it_created(models, tmp_path, capfd):
+    assert invoke([models[0], models[0], "--out-dir", tmp_path / "deploy"]) == 2
+    assert "given twice" in one_error_line(capfd.readouterr().err)
+    assert not (tmp_path / "deploy").exists()
+
+
+def test_out_dir_created_for_nothing_is_removed(tmp_path, capfd):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    assert invoke([bad, "--out-dir", tmp_path / "deploy"]) == 2
+    assert not (tmp_path / "deploy").exists()
+
+
 def test_one_model_with_out_dir(models, out, capfd):
     assert invoke([models[0], "--out-dir", out]) == 0
     assert len(lines_of(capfd.readouterr().out)) == 2
@@ -224,7 +247,7 @@ def test_in_place_many(models, capfd):
     ("given twice", ["given twice"]),
     ("folder and a file in it", ["given twice"]),
     ("out-dir is the models' folder", ["would replace it", "--in-place"]),
-    ("out-dir missing", ["does not exist"]),
+    ("out-dir's folder missing", ["does not exist"]),
     ("out-dir is a file", ["not a directory"]),
     ("no out-dir", ["missing --out-dir"]),
     ("-o", ["--out-dir", "-o"]),
@@ -245,7 +268,7 @@ def test_refused_before_any_work(case, words, models, out, tmp_path, capfd, no_w
         "given twice": [models[0], models[1], tmp_path / "models" / "." / "a.onnx", "--out-dir", out],
         "folder and a file in it": [models[0].parent, models[1], "--out-dir", out],
         "out-dir is the models' folder": [*models, "--out-dir", models[0].parent],
-        "out-dir missing": [*models, "--out-dir", tmp_path / "nowhere"],
+        "out-dir's folder missing": [*models, "--out-dir", tmp_path / "nowhere" / "out"],
         "out-dir is a file": [*models, "--out-dir", models[0]],
         "no out-dir": [*models],
         "-o": [*models, "-o", out / "x.onnx"],
