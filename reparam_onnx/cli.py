@@ -99,7 +99,7 @@ def _load_inputs(path: Optional[str]):
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:   # EOFError: an empty file
         raise InputError(f"cannot read inputs '{path}': {str(exc).splitlines()[0] if str(exc) else exc}") from None
 
 
@@ -198,7 +198,7 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
             if summary:
                 say("\n".join(risk.summary_lines(report.to_dict()["summary"]["risk"])), asked)
             if check:
-                say(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain", asked)
+                say(f"check: {len([b for b in report.blocks if b.fusable])} fusable block(s) remain in {model}", asked)
             elif untouched:
                 say(f"nothing fused: left {output} as it was", asked)
             else:

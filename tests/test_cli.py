@@ -329,7 +329,7 @@ def test_inputs_npz(model_path, outdir, tmp_path, compare_calls):
     assert v["passed"] and v["inputs"] == {"x": [3, 4, 8, 8]}
 
 
-@pytest.mark.parametrize("content", [None, b"not a zip file"], ids=["missing", "garbage"])
+@pytest.mark.parametrize("content", [None, b"not a zip file", b""], ids=["missing", "garbage", "empty"])
 def test_inputs_npz_unreadable(model_path, outdir, tmp_path, capfd, content):
     npz = tmp_path / "inputs.npz"
     if content is not None:
