@@ -94,3 +94,12 @@ def test_misuse_is_a_type_error(tmp_path):
     assert proc.returncode == 1
     for (what, _), path in zip(MISUSES.items(), files):
         assert f"{path.name}:3: error" in proc.stdout, f"{what}: {proc.stdout}"
+
+
+def test_fuse_takes_the_keywords_of_fuse_with_report():
+    """fuse() spells its keywords out for type checkers; they stay those of fuse_with_report."""
+    import inspect
+    from reparam_onnx import fuse, fuse_with_report
+    ours, theirs = inspect.signature(fuse), inspect.signature(fuse_with_report)
+    assert list(ours.parameters.values()) == list(theirs.parameters.values())
+    assert ours.return_annotation != theirs.return_annotation
