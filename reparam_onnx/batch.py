@@ -1,11 +1,12 @@
 """Many models in one call: `reparam-onnx a.onnx b.onnx models/ --out-dir DIR` (or --check,
 or --in-place).
 
-Each model runs the one-model command (cli.run_one) in a process of its own, spawned (a
-fresh interpreter, not a fork), up to --jobs at a time (default: the cores this process may
+Each model runs the one-model command (cli.run_one) in a process of its own (a fresh
+interpreter, not a fork), up to --jobs at a time (default: the cores this process may
 use). A model that fails is that model's failure and the others go on; a worker that dies
 (a crash in native code, a kill) is exit 4 for its model, and the temporary files it left
-are removed, so a failed model leaves nothing half-written.
+are removed, so a failed model leaves nothing half-written. Interrupted (Ctrl-C), the batch
+starts no further model and interrupts the running ones (exit 130, as one model).
 
 Refused before any work (exit 2): -o (several outputs need --out-dir), an --out-dir whose
 parent folder is missing (--out-dir itself is created, and removed again when every model
@@ -19,14 +20,16 @@ report lists every model's report under "models".
 """
 from __future__ import annotations
 
+import importlib
 import json
-import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -218,36 +221,77 @@ def _files_of_batch(work: Sequence[Job], options: Dict[str, Any]) -> Tuple[io.Fi
 
 
 def run_jobs(work: Sequence[Job], options: Dict[str, Any], verbose: bool, workers: int):
-    """Each job's Outcome, in the order of `work`, as soon as it and those before it are done."""
+    """Each job's Outcome, in the order of `work`, as soon as it and those before it are done.
+    Interrupted (Ctrl-C), no further job starts and the running ones are interrupted too."""
+    workers_ = Workers()
     with tempfile.TemporaryDirectory(prefix="reparam-onnx-") as scratch, ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(run_job, job, options, verbose, Path(scratch) / str(i)) for i, job in enumerate(work)]
-        for future in futures:
-            yield future.result()
+        futures = [pool.submit(run_job, job, options, verbose, Path(scratch) / str(i), workers_)
+                   for i, job in enumerate(work)]
+        try:
+            for future in futures:
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            workers_.interrupt()
+            raise
 
 
-def work(options: Dict[str, Any], stdout: str, stderr: str) -> None:
-    """In a worker process: cli.run_one on one model, its output (native too) going to two files."""
-    for fd, path in ((1, stdout), (2, stderr)):
-        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(handle, fd)
-        os.close(handle)
+@dataclass
+class Workers:
+    """The worker processes running now; once interrupted, each one (also one starting late) gets SIGINT."""
+    running: Set[subprocess.Popen] = field(default_factory=set)
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    def add(self, process: subprocess.Popen) -> None:
+        self.running.add(process)
+        if self.stopped.is_set():
+            process.send_signal(signal.SIGINT)
+
+    def interrupt(self) -> None:
+        self.stopped.set()
+        for process in list(self.running):
+            process.send_signal(signal.SIGINT)
+
+
+def work(options: Dict[str, Any]) -> None:
+    """In a worker process: cli.run_one on one model."""
     sys.exit(cli.run_one(**options))
 
 
-WORKER: Callable[[Dict[str, Any], str, str], None] = work   # what a worker process runs (tests replace it)
+WORKER: Callable[[Dict[str, Any]], None] = work   # what a worker process runs (tests replace it)
+
+# A worker: a fresh interpreter with this process's sys.path (so it runs this very copy of
+# reparam_onnx, as multiprocessing's spawn would) whose stdout and stderr are files from the
+# start: nothing it prints, a traceback of an interrupted import included, reaches the terminal.
+BOOT = ("import json, sys; job = json.load(open(sys.argv[1], encoding='utf-8')); sys.path[:] = job['sys_path']; "
+        "from reparam_onnx.batch import child; child(job)")
 
 
-def run_job(job: Job, options: Dict[str, Any], verbose: bool, scratch: Path) -> Outcome:
+def child(job: Dict[str, Any]) -> None:
+    """The worker process's entry: run the worker function the job names."""
+    module, name = job["worker"].split(":")
+    getattr(importlib.import_module(module), name)(job["options"])
+
+
+def run_job(job: Job, options: Dict[str, Any], verbose: bool, scratch: Path, workers: Workers) -> Outcome:
     """One model in a worker process: its exit code, error and JSON report; a dead worker is exit 4."""
     scratch.mkdir()
-    report, stdout, stderr = scratch / "report.json", scratch / "stdout", scratch / "stderr"
+    report, stdout, stderr, spec = (scratch / name for name in ("report.json", "stdout", "stderr", "job.json"))
     one = dict(options, model=str(job.model), output=None if options["check"] or options["in_place"] else str(job.output),
                report_path=str(report), quiet=not verbose, verbose=verbose, summary=False)
+    spec.write_text(json.dumps({"sys_path": sys.path, "worker": f"{WORKER.__module__}:{WORKER.__qualname__}",
+                                "options": one}), encoding="utf-8")
     before = _temporaries(job)
-    process = multiprocessing.get_context("spawn").Process(target=WORKER, args=(one, str(stdout), str(stderr)))
-    process.start()
-    process.join()
-    code, data, text = process.exitcode, _read_json(report), _read(stdout)
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        process = subprocess.Popen([sys.executable, "-c", BOOT, str(spec)], stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=err)
+        workers.add(process)
+        try:
+            code = process.wait()
+        finally:
+            workers.running.discard(process)
+    data, text = _read_json(report), _read(stdout)
     if data is not None and code in OUTCOMES:
         return Outcome(job, code, data.get("error"), data, text)
     for path in _temporaries(job) - before:   # a write the worker did not finish

@@ -298,17 +298,17 @@ def test_refusal_is_reported(models, out, tmp_path, no_work):
 
 # ---------------------------------------------------------------- worker processes
 
-def record_then_work(options, stdout, stderr):
+def record_then_work(options):
     """A worker that notes its pid and when it ran (in the out-dir's sibling 'log'), then works."""
     log = Path(options["output"]).parent.parent / "log"
     start = time.monotonic()
     time.sleep(0.3)
     with open(log, "a") as handle:
         handle.write(json.dumps({"pid": os.getpid(), "start": start, "end": time.monotonic()}) + "\n")
-    batch.work(options, stdout, stderr)
+    batch.work(options)
 
 
-def crash_or_work(options, stdout, stderr):
+def crash_or_work(options):
     """Killed halfway through writing a model named 'crash*', raises in one named 'boom*'."""
     name = Path(options["model"]).name
     if name.startswith("crash"):
@@ -319,7 +319,7 @@ def crash_or_work(options, stdout, stderr):
         def boom(*args, **kwargs):
             raise RuntimeError("kaboom")
         cli.fuse_with_report = boom
-    batch.work(options, stdout, stderr)
+    batch.work(options)
 
 
 def test_one_process_per_model_up_to_jobs(models, out, tmp_path, monkeypatch):
@@ -381,3 +381,25 @@ def test_python_dash_m_batch(models, out, tmp_path):
     assert str(bad) in one_error_line(proc.stderr)
     assert len(lines_of(proc.stdout)) == 4
     assert leftovers(out) == ["a.onnx", "b.onnx", "c.onnx"]
+
+
+def test_interrupt_stops_the_batch(tmp_path, out):
+    """Ctrl-C (SIGINT to the process group): no further model starts, the running one is
+    interrupted, nothing half-written, one error line, exit 130."""
+    import subprocess
+    folder = tmp_path / "many"
+    for i in range(6):
+        save(repvgg_model(i), folder / f"m{i}.onnx")
+    proc = subprocess.Popen([sys.executable, "-m", "reparam_onnx", folder, "--out-dir", out, "-j", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    first = proc.stdout.readline()
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert first.startswith(f"{folder / 'm0.onnx'}: fused 1 block(s)")
+    assert one_error_line(err) == "reparam-onnx: error: aborted"
+    written = leftovers(out)
+    assert "m0.onnx" in written and len(written) < 6 and all(name.endswith(".onnx") for name in written)
+    printed = len(lines_of(first + rest))                   # no tally; the model running may have just finished
+    assert printed <= len(written) <= printed + 1
