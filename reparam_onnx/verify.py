@@ -74,7 +74,7 @@ class _Runner:
     def __init__(self, model: onnx.ModelProto, extra: Iterable[str] = (), types: Optional[Dict[str, int]] = None):
         with _extra_outputs(model, extra, types or {}):
             try:
-                self.session = _session(model.SerializeToString())
+                self.session = _session(model)
                 self.evaluator = None
             except Exception as exc:
                 if "NOT_IMPLEMENTED" not in str(exc):
@@ -103,13 +103,56 @@ def _extra_outputs(model: onnx.ModelProto, names: Iterable[str], types: Dict[str
             model.graph.output.pop()
 
 
-def _session(model_bytes: bytes):
+def _session(model: onnx.ModelProto):
+    """An onnxruntime session of the model as written (graph optimizations off: runtime fusions
+    would blur what is compared). Weights of 1 KiB and more are not serialized with the graph:
+    they are handed over as external initializers, so the model may exceed protobuf's 2 GiB."""
     import onnxruntime as ort
     options = ort.SessionOptions()
-    # Run the graphs as written: runtime fusions would blur what is being compared.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4   # errors come back as exceptions; the runtime's own log stays quiet
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    with _weights_apart(model) as (names, values):
+        if names:
+            options.add_external_initializers(names, values)
+        graph = model.SerializeToString()
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+EXTERNAL_MIN_BYTES = 1024
+_PLAIN = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+          onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+          onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+@contextmanager
+def _weights_apart(model: onnx.ModelProto):
+    """Temporarily move the raw data of large initializers out of the model, leaving each an
+    external-data stub; yields (names, OrtValues over that data). The model is restored after."""
+    import onnxruntime as ort
+    moved = []
+    try:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _PLAIN \
+                    or not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            data = tensor.raw_data
+            moved.append((tensor, data, tensor.HasField("data_location")))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "reparam-onnx-initializers"   # never read: supplied below
+        values = [ort.OrtValue.ortvalue_from_numpy(
+            np.frombuffer(data, onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims)))
+            for t, data, _ in moved]
+        yield [t.name for t, _, _ in moved], values
+    finally:
+        for tensor, data, had_location in moved:
+            del tensor.external_data[:]
+            if had_location:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            else:
+                tensor.ClearField("data_location")
+            tensor.raw_data = data
 
 
 def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
@@ -141,8 +184,8 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
     values, and the message says so.
     """
     block_outputs = list(block_outputs)
-    try:
-        reference, candidate = _Runner(original, block_outputs, types), _Runner(fused, block_outputs, types)
+    try:   # one session at a time: a large model's two runtime copies never coexist
+        reference = _Runner(original, block_outputs, types)
         refs = [reference(feeds) for feeds in runs]
         message = ""
         if random and _nonfinite_share(refs) > MOSTLY_NONFINITE:
@@ -152,8 +195,11 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
             refs = [reference(feeds) for feeds in runs]
             message = (f"the original gives NaN/inf on {share:.0%} of its output values on random normal inputs; "
                        f"compared on non-negative inputs instead (pass --inputs for real data)")
-        outs = [candidate(feeds) for feeds in runs]
         nudged = _nudged(reference, runs, seed) if rtol is None else [{} for _ in runs]
+        del reference
+        candidate = _Runner(fused, block_outputs, types)
+        outs = [candidate(feeds) for feeds in runs]
+        del candidate
     except Exception as exc:  # onnxruntime raises many kinds; the message is what matters
         text = str(exc).strip().splitlines()
         return Verification(ran=False, passed=False, message=f"onnxruntime could not run the models: "
@@ -185,7 +231,7 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
                 failed.append(name)
     if failed and rtol is not None:   # no floor was needed to decide; the nudge still explains a failure
         try:
-            for ref, moved in zip(refs, _nudged(reference, runs, seed)):
+            for ref, moved in zip(refs, _nudged(_Runner(original, block_outputs, types), runs, seed)):
                 for name in failed:
                     if name in moved and moved[name].shape == ref[name].shape:
                         wobble = relative_error(ref[name], moved[name])
