@@ -446,7 +446,8 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
     # what is fused, and what the last pass left (earlier verdicts may be stale)
     left = [d.report for d in reversed(last) if not d.report.fused]
     notes = []
-    pairs = _cancel_transposes(model, options) if fused else 0
+    created = {n.name for n in model.graph.node if n.op_type == "Transpose" and n.name in made}
+    pairs = _cancel_transposes(model, options, created) if created else 0
     if pairs:
         notes.append(f"cancelled {pairs} pair(s) of inverse Transposes around fused blocks")
     return fused + left, notes
@@ -469,14 +470,15 @@ def _take_in_absorbed(report: BlockReport, made: Dict[str, BlockReport], fused: 
         report.absorbed = [entry for a in absorbed for entry in [{"rule": a.rule, "output": a.output}] + a.absorbed]
 
 
-def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions) -> int:
-    """Cancel inverse Transpose pairs; drop what they left unread. Returns how many pairs."""
+def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions, created: Set[str]) -> int:
+    """Cancel inverse Transpose pairs that begin or end at one the fusion created; drop what they
+    left unread. Returns how many pairs."""
     graph = model.graph
     read_before = reads(graph.node) | {o.name for o in graph.output}
     pairs = 0
     for _ in range(MAX_PASSES):
         index = GraphIndex(graph, static_shapes(model), default_opset(model), options.initializers_as_constants)
-        done = cancel_transposes(model, index)
+        done = cancel_transposes(model, index, created)
         pairs += done
         if not done:
             break
