@@ -426,7 +426,26 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
     blocks reported are the fused Convs of the result, one each: a block whose Conv a later
     pass takes into a larger block is reported as part of that block (`absorbed`). After
     fusing, inverse Transposes around the fused blocks cancel.
+
+    IR < 4 requires every initializer to be a graph input: the new ones are listed at the end.
+    Until then the graph is rewritten as IR 4, where shape inference sees initializers that
+    are not inputs (and a weight the rewrite made stays a constant for the next pass).
     """
+    graph = model.graph
+    ir_version = model.ir_version
+    initializers_before = {t.name for t in graph.initializer}
+    if write:
+        model.ir_version = max(ir_version, 4)
+    try:
+        result = _fuse_passes(model, options, write)
+    finally:
+        model.ir_version = ir_version
+    if ir_version < 4:
+        _list_as_inputs(graph, [t for t in graph.initializer if t.name not in initializers_before])
+    return result
+
+
+def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> Tuple[List[BlockReport], List[str]]:
     fused: List[BlockReport] = []
     made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
     last: List[Decision] = []
@@ -485,3 +504,11 @@ def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions, created: Se
     if pairs:
         _remove_dead(graph, list(graph.node), read_before, options.initializers_as_constants)
     return pairs
+
+
+def _list_as_inputs(graph: onnx.GraphProto, initializers: Sequence[onnx.TensorProto]) -> None:
+    """IR < 4: every initializer is also a graph input, with its type and shape."""
+    listed = {i.name for i in graph.input}
+    for t in initializers:
+        if t.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

@@ -429,3 +429,39 @@ def test_report_matches_the_result_property(permissive_rules, names, permissive)
     model = stacked(names)
     rules = dict(rules=[permissive_rules], builtin_rules=False) if permissive else {}
     assert_report_matches(model, fuse_and_check(model, **rules))
+
+
+# ---------------------------------------------------------------- IR < 4
+
+def ir3_model() -> onnx.ModelProto:
+    """IR 3, every initializer a graph input: an NHWC block whose Transposes cancel around a
+    spatial Mul (whose constant is transposed), then a RepVGG block."""
+    from test_layouts import TO_NCHW, nhwc_block
+    b = Builder(seed=5, opset=8)
+    x = b.input([1, 9, 9, 4])
+    h = b.node("Mul", [b.node("Relu", [nhwc_block(b, x, 4, 4)]),
+                       b.const(np.random.default_rng(0).uniform(.5, 2, (1, 9, 9, 4)))])
+    h = b.node("Relu", [repvgg_block(b, b.node("Transpose", [h], perm=TO_NCHW), 4, 4)])
+    b.output(h, [1, 4, 9, 9])
+    m = b.model(ir_version=3)
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_ir3_initializers_as_constants_passes_the_checker():
+    """IR < 4 requires every initializer to be a graph input: the new weights, biases and
+    transposed constants are listed, with their types and shapes; dropped ones go with their entries."""
+    m = ir3_model()
+    result = fuse_and_check(m, initializers_as_constants=True, ops={"Conv": 2, "BatchNormalization": 0})
+    assert any("Transposes" in note for note in result.report.notes)
+    f = result.model
+    assert f.ir_version == 3
+    onnx.checker.check_model(f, full_check=True)
+    inputs = {i.name: i for i in f.graph.input}
+    for t in f.graph.initializer:
+        info = inputs.pop(t.name).type.tensor_type
+        assert info.elem_type == t.data_type and [d.dim_value for d in info.shape.dim] == list(t.dims)
+    assert list(inputs) == ["x"]
+    assert_report_matches(m, result)
