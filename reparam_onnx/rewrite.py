@@ -437,7 +437,10 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
     if write:
         model.ir_version = max(ir_version, 4)
     try:
-        result = _fuse_passes(model, options, write)
+        # NaN or inf in weights and statistics is arithmetic, not an error: non-finite fused
+        # weights leave their block unfused (Fuser._check_dtype), and numpy prints no warning.
+        with np.errstate(all="ignore"):
+            result = _fuse_passes(model, options, write)
     finally:
         model.ir_version = ir_version
     if ir_version < 4:

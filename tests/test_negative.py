@@ -264,6 +264,18 @@ def test_negative_variance_inside_a_block():
     assert "range" not in reason
 
 
+def test_overflowing_fold_warns_about_nothing():
+    """Anywhere in the fold (here a Conv times a per-channel Mul, in float64) numbers may overflow:
+    the block stays with the reason, and numpy prints no warning."""
+    b = Builder(dtype=np.float64)
+    x = b.input([1, 2, 5, 5])
+    y = b.node("Mul", [b.conv(x, 2, 2, (3, 3), pads=(1,) * 4, scale=1e200), b.const(np.full((1, 2, 1, 1), 1e200))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "float64 range" in _reason(b.model(y))
+    assert not caught, [str(w.message) for w in caught]
+
+
 def test_tiny_negative_variance_within_epsilon_is_exact():
     """σ² < 0 but σ² + ε > 0: the runtime computes a finite BN, and folding it is exact."""
     fuse_and_check(_conv_bn(var=(1, -1e-6)), {"Conv": 1, "BatchNormalization": 0})
