@@ -226,7 +226,9 @@ class Fuser:
             dtype = dtypes.pop()
             limit = np.finfo(dtype).max
             value = decision.value
-            if not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
+            if np.isnan(value.kernel).any() or np.isnan(value.bias).any():
+                reason = "a parameter of the block is NaN"
+            elif not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
                 reason = f"fused weights exceed the {dtype.name} range"
             else:
                 # cast once, now: the float64 kernels of every block need not wait for the rewrite

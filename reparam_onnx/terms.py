@@ -293,6 +293,8 @@ def _conv(w: Walker, node, tensor, depth):
             bias = w.index.value(node.input[2])
         except NotConstant as exc:
             problem = f"Conv '{node.name}' bias {exc}"
+    if weight is not None and np.ndim(weight) < 3:   # a constant subgraph validate.py could not see through
+        problem, weight = f"Conv '{node.name}' weight has rank {np.ndim(weight)}; a Conv weight has rank 3 or more", None
     return Conv(tensor, [node], input=w.input(node.input[0], depth), weight=weight, bias=bias,
                 attrs=attributes(node), problem=problem)
 

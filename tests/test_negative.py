@@ -307,3 +307,32 @@ def test_broken_batchnorm_beside_fused_blocks_cli(tmp_path):
     proc = run_cli([src, "-o", tmp_path / "out.onnx"])
     assert proc.stderr == ""
     assert proc.returncode == 0
+
+
+def test_conv_weight_of_rank_below_3_from_a_constant_subgraph():
+    """validate.py sees initializers; a weight reshaped to rank 2 by a constant subgraph is the
+    engine's to refuse (once exit 4)."""
+    b = Builder(seed=61)
+    x = b.input([1, 4, 5, 5])
+    w = b.const(b.rng.normal(0, 0.5, (4, 4, 1, 1)))
+    shape = b.name("shape")
+    b.inits.append(onnx.numpy_helper.from_array(np.array([4, 4], np.int64), shape))
+    flat = b.node("Reshape", [w, shape])
+    y = b.bn(b.node("Conv", [x, flat], kernel_shape=[1, 1]), 4)
+    result = fuse_with_report(b.model(y), verify=False)
+    assert not result.report.fused
+    assert any("has rank 2" in (blk.reason or "") for blk in result.report.blocks)
+
+
+def test_nan_parameter_is_named():
+    b = Builder(seed=62)
+    x = b.input([1, 4, 5, 5])
+    y = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    model = b.model(y)
+    weight = model.graph.initializer[0]
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[2, 1, 0, 0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    result = fuse_with_report(model, verify=False)
+    reasons = [blk.reason or "" for blk in result.report.blocks]
+    assert not result.report.fused and any("NaN" in r for r in reasons), reasons
