@@ -6,6 +6,8 @@ Compares, each in a fresh process (median of N runs, peak RSS from getrusage):
   verify reparam-onnx MODEL -o OUT (with the onnxruntime check)
 
     python benchmarks/io_cost.py MODEL.onnx [--runs 5]
+    python benchmarks/io_cost.py --build 400 [--runs 3]     # a ~400 MB RepVGG-style train model it builds
+    python benchmarks/io_cost.py --build 2300 --external    # the same, wider, weights in external data
 """
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ import textwrap
 from pathlib import Path
 
 BARE = textwrap.dedent("""
-    import onnx, sys
-    onnx.save(onnx.load(sys.argv[1]), sys.argv[2])
+    import onnx, os, sys
+    model = onnx.load(sys.argv[1])
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(sys.argv[1], load_external_data=False).graph.initializer)
+    onnx.save(model, sys.argv[2], save_as_external_data=external,
+              location=os.path.basename(sys.argv[2]) + ".data" if external else None)
 """)
 CLI = "import sys; from reparam_onnx.cli import main; main(sys.argv[1:])"
 MEASURE = textwrap.dedent("""
@@ -44,12 +50,69 @@ def measure(cmd, runs):
     return statistics.median(times), max(rss)
 
 
+def build_model(megabytes: float, path: Path, external: bool) -> None:
+    """A RepVGG-style training-form model: 28 blocks of 3×3 Conv-BN + 1×1 Conv-BN (+ identity BN),
+    widths growing geometrically, scaled so the weights take about `megabytes` MB; input 1×3×32×32."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+    blocks, rng = 28, np.random.default_rng(0)
+    base = [2 ** (i / 4) for i in range(blocks)]
+    scale = (megabytes * 1e6 / (4 * 10 * sum(b * b for b in base))) ** 0.5   # 10·C² float32 weights per block
+    widths = [max(4, int(scale * b)) for b in base]
+    nodes, inits = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+        return name
+
+    def bn(x, c, tag):
+        out = f"{tag}_bn"
+        nodes.append(helper.make_node("BatchNormalization", [
+            x, const(f"{tag}.g", rng.uniform(0.5, 1.5, c)), const(f"{tag}.b", rng.normal(0, 0.5, c)),
+            const(f"{tag}.m", rng.normal(0, 0.5, c)), const(f"{tag}.v", rng.uniform(0.5, 2, c))], [out], name=out))
+        return out
+
+    x, c_in = "x", 3
+    for i, c in enumerate(widths):
+        stride = 2 if i in (0, 4, 10, 20) else 1
+        terms = []
+        for k in (3, 1):
+            w = const(f"b{i}.k{k}", rng.normal(0, 1 / np.sqrt(c_in * k * k), (c, c_in, k, k)).astype(np.float32))
+            conv = f"b{i}_conv{k}"
+            nodes.append(helper.make_node("Conv", [x, w], [conv], name=conv, kernel_shape=[k, k],
+                                          strides=[stride] * 2, pads=[k // 2] * 4))
+            terms.append(bn(conv, c, conv))
+        if stride == 1 and c == c_in:
+            terms.append(bn(x, c, f"b{i}_id"))
+        total = terms[0]
+        for j, t in enumerate(terms[1:]):
+            nodes.append(helper.make_node("Add", [total, t], [f"b{i}_add{j}"], name=f"b{i}_add{j}"))
+            total = f"b{i}_add{j}"
+        nodes.append(helper.make_node("Relu", [total], [f"b{i}_out"], name=f"b{i}_relu"))
+        x, c_in = f"b{i}_out", c
+    graph = helper.make_graph(nodes, "synthetic_repvgg", [helper.make_tensor_value_info("x", 1, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info(x, 1, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path), save_as_external_data=external, location=path.name + ".data" if external else None,
+              size_threshold=1024)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("model")
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--build", type=float, metavar="MB", help="build a RepVGG-style model of about MB megabytes")
+    parser.add_argument("--external", action="store_true", help="with --build: weights in external data")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    if bool(args.model) == bool(args.build):
+        parser.error("give MODEL or --build MB")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.build:
+            args.model = str(Path(tmp) / "built.onnx")
+            build_model(args.build, Path(args.model), args.external)
+            size = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 1e6
+            print(f"built {args.model}: {size:.0f} MB on disk")
         out = str(Path(tmp) / "out.onnx")
         rows = {
             "bare load+save": [sys.executable, "-c", BARE, args.model, out],

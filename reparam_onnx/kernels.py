@@ -14,10 +14,40 @@ import numpy as np
 
 
 def bn_affine(gamma, beta, mean, var, eps):
-    """BatchNormalization as y = s·x + t with s = γ/√(σ²+ε), t = β − μ·s."""
-    s = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
-    t = np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * s
+    """BatchNormalization as y = s·x + t with s = γ/√(σ²+ε), t = β − μ·s.
+
+    Defined when every parameter is finite and σ²+ε > 0 in every channel; otherwise (the
+    runtime computes NaN or ±inf there) ValueError says what is wrong in the first such channel.
+    """
+    gamma, beta, mean, var = np.broadcast_arrays(*(np.asarray(p, np.float64) for p in (gamma, beta, mean, var)))
+    eps = float(eps)
+    for what, values in (("scale", gamma), ("bias", beta), ("mean", mean), ("variance", var)):
+        bad = _first(~np.isfinite(values))
+        if bad is not None:
+            raise ValueError(f"a non-finite {what} ({values.flat[bad]}) in channel {bad}")
+    if not math.isfinite(eps):
+        raise ValueError(f"epsilon {eps}")
+    denominator = var + eps
+    c = _first(denominator <= 0)
+    if c is not None:
+        if var.flat[c] < 0:
+            raise ValueError(f"a negative variance ({var.flat[c]:g}, epsilon {eps:g}) in channel {c}")
+        if eps == 0:
+            raise ValueError(f"zero variance with epsilon 0 in channel {c}")
+        raise ValueError(f"variance {var.flat[c]:g} with epsilon {eps:g} in channel {c}: their sum is not positive")
+    with np.errstate(over="ignore"):   # a huge γ or μ, or a tiny σ²+ε: checked next
+        s = gamma / np.sqrt(denominator)
+        t = beta - mean * s
+    c = _first(~(np.isfinite(s) & np.isfinite(t)))
+    if c is not None:
+        raise ValueError(f"a scale γ/√(σ²+ε) or shift β − μ·s beyond the float64 range in channel {c}")
     return s, t
+
+
+def _first(mask) -> "int | None":
+    """The flat index of the first True, or None."""
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if hits.size else None
 
 
 def fold_affine(kernel, bias, scale, shift):

@@ -4,8 +4,9 @@ Before: Transpose(p) → e₁ → … → eₖ → Transpose(q) (k ≥ 0), with 
         element-wise (an activation, or Add/Sub/Mul/Div/PRelu with a constant operand),
         each intermediate tensor read once and not a graph output.
 After:  e₁ → … → eₖ on the untransposed tensor; constant operands are transposed by p⁻¹.
-Conditions: constants fold; ranks known. Exact: element-wise ops commute with any
-permutation of axes.
+Conditions: constants fold; ranks known; Transpose(p) or Transpose(q) is one the caller
+created (a fused block's layout change): chains elsewhere in the model are not the
+caller's to rewrite. Exact: element-wise ops commute with any permutation of axes.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def _perm(node: onnx.NodeProto, index: GraphIndex) -> Optional[tuple]:
     return perm if sorted(perm) == list(range(len(perm))) else None
 
 
-def cancel_transposes(model: onnx.ModelProto, index: GraphIndex) -> int:
-    """Remove pairs of inverse Transposes around element-wise chains; returns how many pairs."""
+def cancel_transposes(model: onnx.ModelProto, index: GraphIndex, created: Set[str]) -> int:
+    """Remove pairs of inverse Transposes around element-wise chains that begin or end at a
+    Transpose named in `created`; returns how many pairs."""
     graph = model.graph
     names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
         {i.name for i in graph.input}
@@ -71,6 +73,8 @@ def cancel_transposes(model: onnx.ModelProto, index: GraphIndex) -> int:
         if chain is None:
             continue
         last = node
+        if first.name not in created and last.name not in created:
+            continue
         if not chain:
             # Transpose∘Transpose = identity: readers of the second read the first's input
             if last.output[0] in index.outputs or any(subgraph_reads(c) for c in index.consumers[last.output[0]]):

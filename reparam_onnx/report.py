@@ -21,6 +21,8 @@ class BlockReport:
     kernel: Optional[List[int]] = None   # spatial size of the merged kernel
     error: Optional[float] = None     # whole-model verification: max|Δ|/max|ref| of this block's output
     check: Optional[float] = None     # the block run alone against its fused conv: max|Δ|/max|ref|
+    absorbed: List[Dict[str, str]] = field(default_factory=list)   # blocks fused in an earlier pass and then
+                                                                   # taken into this one: {"rule", "output"}
     risk: Optional[NumericRisk] = None   # float16 range and int8 spread of the fused weights (risk.py)
 
     @property
@@ -85,7 +87,9 @@ class Report:
         lines.append(f"{verb} {len(self.fused)} block(s)" + (": " + ", ".join(f"{n} {r}" for r, n in per_rule.items())
                                                           if per_rule else ""))
         for b in self.fused if verbose else []:
-            lines.append(f"  {verb} [{b.rule}] {b.output} <- {b.input}: {b.shape}")
+            taken = ", ".join(f"[{a['rule']}] {a['output']}" for a in b.absorbed)
+            lines.append(f"  {verb} [{b.rule}] {b.output} <- {b.input}: {b.shape}"
+                         + (f" (taking in {taken}, fused in an earlier pass)" if taken else ""))
             lines.extend(_risk.block_lines(b.risk))
         if self.unfused:
             lines.append(f"left {len(self.unfused)} block(s) as they were:")

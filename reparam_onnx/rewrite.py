@@ -227,7 +227,9 @@ class Fuser:
             dtype = dtypes.pop()
             limit = np.finfo(dtype).max
             value = decision.value
-            if not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
+            if np.isnan(value.kernel).any() or np.isnan(value.bias).any():
+                reason = "a parameter of the block is NaN"
+            elif not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
                 reason = f"fused weights exceed the {dtype.name} range"
             else:
                 decision.report.risk = numeric_risk(value.kernel, value.bias)   # of the exact float64 weights
@@ -240,29 +242,28 @@ class Fuser:
 
     # ---------------------------------------------------------------- rewriting
 
-    def apply(self, decisions: Sequence[Decision]) -> int:
-        """Replace every fused block by its Conv; returns how many were replaced."""
+    def apply(self, decisions: Sequence[Decision]) -> List[Tuple[Decision, List[onnx.NodeProto]]]:
+        """Replace every fused block by its Conv; returns each block replaced, with the nodes that replaced it."""
         fused = [d for d in decisions if d.report.fused]
         if not fused:
-            return 0
+            return []
         graph = self.graph
         names = _used_names(graph)
+        read_before = reads(graph.node) | {o.name for o in graph.output}
         replace: Dict[int, List[onnx.NodeProto]] = {}
         removed: Set[int] = set()
-        dropped_inputs: List[str] = []
         order = {id(n): i for i, n in enumerate(graph.node)}
-        applied = 0
+        applied = []
         for d in fused:
             nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
             root = self.index.producer[d.expr.tensor]
             new_nodes, inits = self._build_conv(d, root, names)
             if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, inits):
                 continue
-            applied += 1
+            applied.append((d, new_nodes))
             graph.initializer.extend(inits)
             removed.update(id(n) for n in nodes)
             replace[id(root)] = new_nodes
-            dropped_inputs.extend(i for n in nodes for i in n.input if i)
             d.report.nodes = [n.name for n in nodes]
         kept = []
         for node in graph.node:
@@ -270,7 +271,7 @@ class Fuser:
                 kept.extend(replace[id(node)])
             elif id(node) not in removed:
                 kept.append(node)
-        _remove_dead(graph, kept, dropped_inputs, self.index.initializers_are_constant)
+        _remove_dead(graph, kept, read_before, self.index.initializers_are_constant)
         return applied
 
     def _check_alone(self, d: Decision, nodes, new_nodes, new_inits) -> bool:
@@ -388,12 +389,14 @@ def _used_names(graph: onnx.GraphProto) -> Set[str]:
     return names
 
 
-def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates: List[str],
+def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], read_before: Set[str],
                  drop_inputs: bool = False) -> None:
-    """Drop what only the removed nodes used: parameter initializers and constant subgraphs.
+    """Make `kept` the graph's nodes and drop what a rewrite left unread: tensors read before
+    and not now lose their producers (constant subgraphs, transitively) and their initializers.
 
     An initializer that is also a graph input stays (it is part of the model's interface)
     unless drop_inputs: then it was treated as a constant, and goes with its input entry.
+    Initializers and nodes that nothing read before stay: they are not the rewrite's doing.
     """
     outputs = {o.name for o in graph.output}
     producer = {o: n for n in kept for o in n.output}
@@ -401,8 +404,8 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
     for node in kept:
         uses.update(reads([node]))
     dead_nodes: Set[int] = set()
-    pending = list(candidates)
-    visited = set(candidates)
+    pending = sorted(name for name in read_before if not uses[name] and name not in outputs)
+    visited = set(pending)
     while pending:
         name = pending.pop()
         visited.add(name)
@@ -440,32 +443,96 @@ def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], candidates:
 def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True) -> Tuple[List[BlockReport], List[str]]:
     """Fuse in place, pass after pass until nothing changes; returns every block decided, and notes.
 
-    With write=False the model is analysed only (one pass, nothing replaced). After fusing,
-    pairs of inverse Transposes left around the fused blocks are cancelled.
+    With write=False the model is analysed only (one pass, nothing replaced). The fused
+    blocks reported are the fused Convs of the result, one each: a block whose Conv a later
+    pass takes into a larger block is reported as part of that block (`absorbed`). After
+    fusing, inverse Transposes around the fused blocks cancel.
+
+    IR < 4 requires every initializer to be a graph input: the new ones are listed at the end.
+    Until then the graph is rewritten as IR 4, where shape inference sees initializers that
+    are not inputs (and a weight the rewrite made stays a constant for the next pass).
     """
-    fused_reports: List[BlockReport] = []
+    graph = model.graph
+    ir_version = model.ir_version
+    initializers_before = {t.name for t in graph.initializer}
+    if write:
+        model.ir_version = max(ir_version, 4)
+    try:
+        # NaN or inf in weights and statistics is arithmetic, not an error: non-finite fused
+        # weights leave their block unfused (Fuser._check_dtype), and numpy prints no warning.
+        with np.errstate(all="ignore"):
+            result = _fuse_passes(model, options, write)
+    finally:
+        model.ir_version = ir_version
+    if ir_version < 4:
+        _list_as_inputs(graph, [t for t in graph.initializer if t.name not in initializers_before])
+    return result
+
+
+def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> Tuple[List[BlockReport], List[str]]:
+    fused: List[BlockReport] = []
+    made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
     last: List[Decision] = []
-    fused = 0
     for _ in range(MAX_PASSES):
         fuser = Fuser(model, options)
         last = fuser.decisions()
-        changed = fuser.apply(last) if write else 0
-        fused_reports.extend(d.report for d in reversed(last) if d.report.fused)   # graph order
-        fused += changed
-        if not changed:
+        if not write:
+            fused.extend(d.report for d in reversed(last) if d.report.fused)   # graph order
             break
-    # what was fused in any pass, and what the last pass left (earlier verdicts may be stale)
+        applied = fuser.apply(last)
+        for d, new_nodes in reversed(applied):
+            _take_in_absorbed(d.report, made, fused)
+            made.update((n.name, d.report) for n in new_nodes)
+            fused.append(d.report)
+        if not applied:
+            break
+    # what is fused, and what the last pass left (earlier verdicts may be stale)
     left = [d.report for d in reversed(last) if not d.report.fused]
     notes = []
-    if fused:
-        pairs = 0
-        for _ in range(MAX_PASSES):
-            index = GraphIndex(model.graph, static_shapes(model), default_opset(model),
-                               options.initializers_as_constants)
-            done = cancel_transposes(model, index)
-            pairs += done
-            if not done:
-                break
-        if pairs:
-            notes.append(f"cancelled {pairs} pair(s) of inverse Transposes around fused blocks")
-    return fused_reports + left, notes
+    created = {n.name for n in model.graph.node if n.op_type == "Transpose" and n.name in made}
+    pairs = _cancel_transposes(model, options, created) if created else 0
+    if pairs:
+        notes.append(f"cancelled {pairs} pair(s) of inverse Transposes around fused blocks")
+    return fused + left, notes
+
+
+def _take_in_absorbed(report: BlockReport, made: Dict[str, BlockReport], fused: List[BlockReport]) -> None:
+    """A block that took in Convs fused by an earlier pass replaces their reports: its nodes
+    become the original nodes of them all, and `absorbed` names the blocks it took in."""
+    nodes, absorbed = [], []
+    for name in report.nodes:
+        earlier = made.get(name)
+        if earlier is None:
+            nodes.append(name)
+        elif all(earlier is not a for a in absorbed):
+            absorbed.append(earlier)
+            nodes.extend(earlier.nodes)
+    if absorbed:
+        fused[:] = [r for r in fused if all(r is not a for a in absorbed)]
+        report.nodes = nodes
+        report.absorbed = [entry for a in absorbed for entry in [{"rule": a.rule, "output": a.output}] + a.absorbed]
+
+
+def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions, created: Set[str]) -> int:
+    """Cancel inverse Transpose pairs that begin or end at one the fusion created; drop what they
+    left unread. Returns how many pairs."""
+    graph = model.graph
+    read_before = reads(graph.node) | {o.name for o in graph.output}
+    pairs = 0
+    for _ in range(MAX_PASSES):
+        index = GraphIndex(graph, static_shapes(model), default_opset(model), options.initializers_as_constants)
+        done = cancel_transposes(model, index, created)
+        pairs += done
+        if not done:
+            break
+    if pairs:
+        _remove_dead(graph, list(graph.node), read_before, options.initializers_as_constants)
+    return pairs
+
+
+def _list_as_inputs(graph: onnx.GraphProto, initializers: Sequence[onnx.TensorProto]) -> None:
+    """IR < 4: every initializer is also a graph input, with its type and shape."""
+    listed = {i.name for i in graph.input}
+    for t in initializers:
+        if t.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

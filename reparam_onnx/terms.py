@@ -212,7 +212,17 @@ def _batchnorm(w: Walker, node, tensor, depth):
     if problem is None:
         from .kernels import bn_affine
         gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
-        scale, shift = bn_affine(gamma, beta, mean, var, attrs.get("epsilon", 1e-5))
+        # one vector per parameter, of one length (opset < 9 with spatial=0: one value per
+        # channel and position, of the input's shape without the batch axis)
+        vectors = w.index.opset < 9 and attrs.get("spatial", 1) == 0 or gamma.ndim == 1
+        if not vectors or len({p.shape for p in (gamma, beta, mean, var)}) != 1:
+            problem = (f"BatchNormalization '{node.name}' has parameters of shapes "
+                       f"{', '.join(str(list(p.shape)) for p in (gamma, beta, mean, var))}, not vectors of one length")
+        else:
+            try:
+                scale, shift = bn_affine(gamma, beta, mean, var, attrs.get("epsilon", 1e-5))
+            except ValueError as exc:
+                problem = f"BatchNormalization '{node.name}' has {exc}"
     return Affine(tensor, [node], input=w.input(node.input[0], depth), scale=scale, shift=shift,
                   kind="batchnorm", problem=problem, on_channels=True)
 
@@ -283,6 +293,8 @@ def _conv(w: Walker, node, tensor, depth):
             bias = w.index.value(node.input[2])
         except NotConstant as exc:
             problem = f"Conv '{node.name}' bias {exc}"
+    if weight is not None and np.ndim(weight) < 3:   # a constant subgraph validate.py could not see through
+        problem, weight = f"Conv '{node.name}' weight has rank {np.ndim(weight)}; a Conv weight has rank 3 or more", None
     return Conv(tensor, [node], input=w.input(node.input[0], depth), weight=weight, bias=bias,
                 attrs=attributes(node), problem=problem)
 

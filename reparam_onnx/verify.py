@@ -71,10 +71,12 @@ class _Runner:
     """One model in one onnxruntime session (onnx's reference evaluator where onnxruntime
     lacks a kernel, e.g. double Conv), exposing `extra` intermediate tensors as outputs."""
 
-    def __init__(self, model: onnx.ModelProto, extra: Iterable[str] = (), types: Optional[Dict[str, int]] = None):
-        with _extra_outputs(model, extra, types or {}):
+    def __init__(self, model: onnx.ModelProto, extra: Iterable[str] = (), types: Optional[Dict[str, int]] = None,
+                 given: Sequence[str] = ()):
+        """`given`: tensors fed as inputs instead of computed (their producers are left out)."""
+        with _extra_outputs(model, extra, types or {}), _given(model, given, types or {}):
             try:
-                self.session = _session(model.SerializeToString())
+                self.session = _session(model)
                 self.evaluator = None
             except Exception as exc:
                 if "NOT_IMPLEMENTED" not in str(exc):
@@ -103,13 +105,101 @@ def _extra_outputs(model: onnx.ModelProto, names: Iterable[str], types: Dict[str
             model.graph.output.pop()
 
 
-def _session(model_bytes: bytes):
+# Ops whose outputs do not move continuously with their inputs: a ranking, a selection, a
+# random draw. Float rounding can flip a choice (RT-DETR's TopK query selection, NMS), so the
+# fused model is run on the original's choices, and what follows them is compared.
+CHOICE_OPS = {"TopK", "ArgMax", "ArgMin", "NonMaxSuppression", "Unique", "NonZero", "RandomNormal",
+              "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def choices(original: onnx.ModelProto, fused: onnx.ModelProto, types: Dict[str, int]) -> List[str]:
+    """Outputs of the choice ops both models have (same outputs), whose element types are known."""
+    def nodes(model):
+        return [n for n in model.graph.node if n.op_type in CHOICE_OPS and n.domain in ("", "ai.onnx")]
+    shared = {tuple(n.output) for n in nodes(original)}
+    outputs = {o.name for o in fused.graph.output}
+    names = []
+    for node in nodes(fused):
+        produced = [o for o in node.output if o]
+        if tuple(node.output) in shared and all(o in types and o not in outputs for o in produced):
+            names.extend(produced)
+    return names
+
+
+@contextmanager
+def _given(model: onnx.ModelProto, names: Sequence[str], types: Dict[str, int]):
+    """Temporarily turn `names` into graph inputs, leaving out the nodes that produce them
+    (nodes are small: they are copied; weights are not touched). Restored afterwards."""
+    names = set(names)
+    if not names:
+        yield
+        return
+    graph = model.graph
+    nodes = list(graph.node)
+    kept = [n for n in nodes if not any(o in names for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    for name in sorted(names):
+        graph.input.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+    try:
+        yield
+    finally:
+        for _ in names:
+            graph.input.pop()
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+def _session(model: onnx.ModelProto):
+    """An onnxruntime session of the model as written (graph optimizations off: runtime fusions
+    would blur what is compared). Weights of 1 KiB and more are not serialized with the graph:
+    they are handed over as external initializers, so the model may exceed protobuf's 2 GiB."""
     import onnxruntime as ort
     options = ort.SessionOptions()
-    # Run the graphs as written: runtime fusions would blur what is being compared.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4   # errors come back as exceptions; the runtime's own log stays quiet
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    with _weights_apart(model) as (names, values):
+        if names:
+            options.add_external_initializers(names, values)
+        graph = model.SerializeToString()
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+EXTERNAL_MIN_BYTES = 1024
+_PLAIN = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+          onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+          onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+@contextmanager
+def _weights_apart(model: onnx.ModelProto):
+    """Temporarily move the raw data of large initializers out of the model, leaving each an
+    external-data stub; yields (names, OrtValues over that data). The model is restored after."""
+    import onnxruntime as ort
+    moved = []
+    try:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _PLAIN \
+                    or not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            data = tensor.raw_data
+            moved.append((tensor, data, tensor.HasField("data_location")))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", "reparam-onnx-initializers"   # never read: supplied below
+        values = [ort.OrtValue.ortvalue_from_numpy(
+            np.frombuffer(data, onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims)))
+            for t, data, _ in moved]
+        yield [t.name for t, _, _ in moved], values
+    finally:
+        for tensor, data, had_location in moved:
+            del tensor.external_data[:]
+            if had_location:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            else:
+                tensor.ClearField("data_location")
+            tensor.raw_data = data
 
 
 def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
@@ -141,8 +231,9 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
     values, and the message says so.
     """
     block_outputs = list(block_outputs)
-    try:
-        reference, candidate = _Runner(original, block_outputs, types), _Runner(fused, block_outputs, types)
+    chosen = choices(original, fused, types)
+    try:   # one session at a time: a large model's two runtime copies never coexist
+        reference = _Runner(original, block_outputs + chosen, types)
         refs = [reference(feeds) for feeds in runs]
         message = ""
         if random and _nonfinite_share(refs) > MOSTLY_NONFINITE:
@@ -152,8 +243,19 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
             refs = [reference(feeds) for feeds in runs]
             message = (f"the original gives NaN/inf on {share:.0%} of its output values on random normal inputs; "
                        f"compared on non-negative inputs instead (pass --inputs for real data)")
+        if chosen:   # the nudged original and the fused model make the original's choices
+            del reference
+            reference = _Runner(original, block_outputs, types, given=chosen)
+            runs = [{**feeds, **{name: ref[name] for name in chosen}} for feeds, ref in zip(runs, refs)]
+            message = "; ".join(filter(None, [message, (
+                f"the outputs of {len(chosen)} choice tensor(s) ({', '.join(sorted(chosen)[:3])}"
+                f"{', …' if len(chosen) > 3 else ''}: TopK, NMS, ArgMax, random draws) were taken from the original "
+                f"for the fused model, since float rounding can flip a choice")]))
+        nudged = _nudged(reference, runs, seed, keep=chosen) if rtol is None else [{} for _ in runs]
+        del reference
+        candidate = _Runner(fused, block_outputs, types, given=chosen)
         outs = [candidate(feeds) for feeds in runs]
-        nudged = _nudged(reference, runs, seed) if rtol is None else [{} for _ in runs]
+        del candidate
     except Exception as exc:  # onnxruntime raises many kinds; the message is what matters
         text = str(exc).strip().splitlines()
         return Verification(ran=False, passed=False, message=f"onnxruntime could not run the models: "
@@ -185,7 +287,8 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
                 failed.append(name)
     if failed and rtol is not None:   # no floor was needed to decide; the nudge still explains a failure
         try:
-            for ref, moved in zip(refs, _nudged(reference, runs, seed)):
+            for ref, moved in zip(refs, _nudged(_Runner(original, block_outputs, types, given=chosen), runs, seed,
+                                                keep=chosen)):
                 for name in failed:
                     if name in moved and moved[name].shape == ref[name].shape:
                         wobble = relative_error(ref[name], moved[name])
@@ -201,13 +304,15 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
                        f"moves '{name}' by {unstable[name]:.1e} (max|Δ|/max|ref|); pass --inputs with real data")
     return Verification(ran=True, passed=not failed, message=message,
                         tolerance={"rtol": max(tolerances, default=rtol or 1e-5), "atol": atol},
-                        errors=errors, inputs={k: list(v.shape) for k, v in runs[0].items()}, runs=len(runs),
+                        errors=errors, inputs={k: list(v.shape) for k, v in runs[0].items() if k not in chosen},
+                        runs=len(runs),
                         noise=noise)
 
 
-def _nudged(reference: "_Runner", runs, seed: int) -> List[Dict[str, np.ndarray]]:
+def _nudged(reference: "_Runner", runs, seed: int, keep: Sequence[str] = ()) -> List[Dict[str, np.ndarray]]:
+    """The reference on its inputs moved by one ulp (`keep`: given tensors, not moved)."""
     rng = np.random.default_rng(seed + 1)
-    return [reference(_nudge(feeds, rng)) for feeds in runs]
+    return [reference({**_nudge(feeds, rng), **{k: feeds[k] for k in keep}}) for feeds in runs]
 
 
 def _nonfinite_share(results: Sequence[Dict[str, np.ndarray]]) -> float:

@@ -241,3 +241,57 @@ def test_whole_model_verification_covers_every_stride_residue():
     sizes, short = covering_sizes(result.model, _fused_convs(result.model, result.report.fused))
     assert sizes == [17, 16, 19] and not short and v.runs == 3
     assert {((n - 1) // 2 + 1) % 3 for n in sizes} == {0, 1, 2}   # the stem's output length mod 3
+
+
+def test_sessions_take_weights_apart_and_restore_the_model():
+    """Verification hands large weights to onnxruntime beside the serialized graph (so models
+    over 2 GiB verify), and leaves the model byte-identical."""
+    from reparam_onnx.verify import _weights_apart
+    b = Builder(seed=16)
+    x = b.input([1, 32, 9, 7])
+    model = b.model(repvgg_block(b, x, 32, 32))
+    model.graph.initializer[0].data_location = TensorProto.DEFAULT   # an explicit default survives too
+    before = model.SerializeToString()
+    with _weights_apart(model) as (names, values):
+        assert len(names) >= 2 and len(model.SerializeToString()) < len(before) // 4
+    assert model.SerializeToString() == before
+    fuse_and_check(model)
+
+
+def _topk_model():
+    """A block, then TopK over the parity of ⌊10⁶·block⌋ (ties everywhere): a rounding difference
+    flips a parity, so the choice, and the Gather after it then picks other values."""
+    b = Builder(seed=17)
+    x = b.input([1, 4, 9, 7])
+    y = b.node("Reshape", [repvgg_block(b, x, 4, 4), b.name("flat")])
+    b.inits.append(onnx.numpy_helper.from_array(np.array([1, -1], np.int64), "flat1"))
+    b.nodes[-1].input[1] = "flat1"
+    f = b.node("Floor", [b.node("Mul", [y, b.const(np.array(1e6))])])
+    near = b.node("Sub", [f, b.node("Mul", [b.node("Floor", [b.node("Mul", [f, b.const(np.array(0.5))])]),
+                                            b.const(np.array(2.0))])])   # the parity of ⌊10⁶·y⌋
+    k = b.name("k")
+    b.inits.append(onnx.numpy_helper.from_array(np.array([40], np.int64), k))
+    _, indices = b.node("TopK", [near, k], n_out=2), "topk1_out1"
+    return b.model(b.node("GatherElements", [y, indices], axis=1))
+
+
+def test_choices_are_taken_from_the_original(monkeypatch):
+    """Discrete choices (TopK, NMS, ArgMax, random draws) flip on float rounding: the fused model
+    runs on the original's, and what follows them is compared."""
+    from reparam_onnx import verify
+    model = _topk_model()
+    result = fuse_with_report(model)
+    v = result.report.verification
+    assert v.passed and len(result.report.fused) == 1 and "choice" in v.message
+    assert set(v.inputs) == {"x"}
+    monkeypatch.setattr(verify, "CHOICE_OPS", set())     # without it, the same correct fusion fails
+    with pytest.raises(VerificationError):
+        fuse_with_report(model, rtol=1e-5)
+
+
+def test_choices_taken_from_the_original_still_catch_a_wrong_block(monkeypatch):
+    from reparam_onnx import kernels
+    real = kernels.identity_kernel
+    monkeypatch.setattr(kernels, "identity_kernel", lambda c, g, r: real(c, g, r) * 0.5)
+    with pytest.raises(VerificationError):
+        fuse_with_report(_topk_model(), check_blocks=False)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import Builder, fuse_and_check, op_counts
+from conftest import Builder, fuse_and_check, op_counts, repvgg_block
 from reparam_onnx import fuse_with_report
 
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
@@ -127,3 +127,23 @@ def test_transpose_pair_without_ops_between_cancels():
     back = b.node("Transpose", [nhwc], perm=TO_NCHW)
     y = b.add(b.conv(back, 4, 4, (3, 3), pads=(1,) * 4), b.conv(back, 4, 4, (1, 1)), ident)
     fuse_and_check(b.model(b.node("Relu", [y])), {"Conv": 2, "Add": 0, "Mul": 0, "Transpose": 0})
+
+
+def test_unrelated_transpose_chain_is_left_alone():
+    """A Transpose→Mul→Transpose⁻¹ chain on another input would cancel, but the fusion did not
+    make it: only pairs around fused blocks are the rewrite's to cancel; this one stays byte for byte."""
+    b = Builder(seed=11)
+    x = b.input([1, 4, 9, 7])
+    z = b.input([1, 4, 5, 6], name="z")
+    y = b.node("Relu", [repvgg_block(b, x, 4, 4)])
+    nhwc = b.node("Transpose", [z], perm=TO_NHWC)
+    w = b.node("Transpose", [b.node("Mul", [nhwc, b.const(np.random.default_rng(0).uniform(.5, 2, 4))])],
+               perm=TO_NCHW)
+    model = b.model(y, w)
+    result = fuse_and_check(model, {"Conv": 1, "Transpose": 2, "Mul": 1})
+    assert len(result.report.fused) == 1 and not result.report.notes
+    chain = {n.name: n.SerializeToString() for n in model.graph.node if n.name in ("transpose1", "mul1", "transpose2")}
+    assert len(chain) == 3
+    assert {n.name: n.SerializeToString() for n in result.model.graph.node if n.name in chain} == chain
+    constant = next(t for t in model.graph.initializer if t.name == "w3")
+    assert [t for t in result.model.graph.initializer if t.name == "w3"] == [constant]

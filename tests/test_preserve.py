@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from conftest import Builder, assert_equivalent, assert_untouched, fuse_and_check, invoke, repvgg_block
+from conftest import SETTINGS, Builder, assert_equivalent, assert_untouched, fuse_and_check, invoke, repvgg_block
 
 from reparam_onnx import fuse, fuse_with_report
 
@@ -284,3 +287,181 @@ def test_output_data_never_overwrites_an_unrelated_file(tmp_path):
     assert invoke([tmp_path / "a.onnx", "-o", tmp_path / "b.onnx", "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "a.onnx.data", "b.onnx", "b.onnx.1.data",
                                                          "b.onnx.data"]
+
+
+# ---------------------------------------------------------------- the report matches the result
+
+def new_convs(original: onnx.ModelProto, fused: onnx.ModelProto) -> list:
+    """The Conv nodes of `fused` that `original` does not have: the fused blocks."""
+    before = {n.name for n in original.graph.node}
+    return [n.name for n in fused.graph.node if n.op_type == "Conv" and n.name not in before]
+
+
+def unread_initializers(model: onnx.ModelProto) -> list:
+    live = {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        live.update(n.input)
+    return [t.name for t in model.graph.initializer if t.name not in live]
+
+
+def assert_report_matches(model: onnx.ModelProto, result) -> None:
+    """One reported fused block per fused Conv; each original node in at most one fused block;
+    no initializer left that nothing reads (the inputs have none)."""
+    fused = result.report.fused
+    assert len(fused) == len(new_convs(model, result.model)), (fused, new_convs(model, result.model))
+    names = [name for b in fused for name in b.nodes]
+    assert len(names) == len(set(names)), names
+    assert set(names) <= {n.name for n in model.graph.node}
+    assert not {o for b in fused for o in [b.output]} - {o for n in model.graph.node for o in n.output}
+    assert unread_initializers(result.model) == []
+
+
+def block_then_post_op() -> onnx.ModelProto:
+    """RepVGG then a per-channel Mul: no rule takes both, so the sum fuses first; the next pass
+    folds the Mul into that Conv (a Conv→affine chain)."""
+    b = Builder(2)
+    x = b.input(SHAPE)
+    y = b.node("Mul", [repvgg_block(b, x, 4, 4), b.const(np.random.default_rng(0).uniform(.5, 2, (1, 4, 1, 1)))])
+    return b.model(b.node("Relu", [y]))
+
+
+def test_block_taken_into_a_larger_one_is_reported_once():
+    model = block_then_post_op()
+    result = fuse_and_check(model, {"Conv": 1, "Add": 0, "Mul": 0, "BatchNormalization": 0})
+    (block,) = result.report.fused
+    assert block.output == "mul1_out" and block.rule == "conv_bn"
+    assert block.absorbed == [{"rule": "repvgg", "output": "add2_out"}]
+    assert sorted(block.nodes) == sorted(n.name for n in model.graph.node if n.op_type != "Relu")
+    assert result.report.to_text().startswith("fused 1 block(s): 1 conv_bn")
+    assert "taking in [repvgg] add2_out" in result.report.to_text(verbose=True)
+    assert_report_matches(model, result)
+
+
+def nhwc_block_then_spatial_mul() -> onnx.ModelProto:
+    """An NHWC block, a Relu, a Mul by a spatially varying constant, back to NCHW: the pair of
+    Transposes around the Relu and Mul cancels, the constant is transposed, and the original
+    constant is read by nothing any more."""
+    from test_layouts import TO_NCHW, nhwc_block
+    b = Builder(seed=5)
+    x = b.input([1, 9, 9, 4])
+    h = b.node("Mul", [b.node("Relu", [nhwc_block(b, x, 4, 4)]),
+                       b.const(np.random.default_rng(0).uniform(.5, 2, (1, 9, 9, 4)))])
+    h = b.node("Transpose", [h], perm=TO_NCHW)
+    return b.model(b.node("Relu", [b.conv(h, 4, 4, (1, 1))]))
+
+
+def test_cancelled_transposes_leave_no_unread_initializer():
+    model = nhwc_block_then_spatial_mul()
+    result = fuse_and_check(model)
+    assert any("Transposes" in note for note in result.report.notes)
+    assert_report_matches(model, result)
+
+
+# the segments of a random multi-block model: channels 4 in and out, NCHW in and out
+def _seg_repvgg(b, h):
+    return b.node("Relu", [repvgg_block(b, h, 4, 4)])
+
+
+def _seg_repvgg_mul(b, h):
+    return b.node("Mul", [repvgg_block(b, h, 4, 4), b.const(b.rng.uniform(.5, 2, (1, 4, 1, 1)))])
+
+
+def _seg_repvgg_bn(b, h):
+    return b.bn(repvgg_block(b, h, 4, 4), 4)
+
+
+def _seg_conv_bn(b, h):
+    return b.bn(b.conv(h, 4, 4, (3, 3), pads=(1,) * 4), 4)
+
+
+def _seg_conv_bn_mul(b, h):
+    return b.node("Mul", [_seg_conv_bn(b, h), b.const(b.rng.uniform(.5, 2, (1, 4, 1, 1)))])
+
+
+def _seg_nested_sum(b, h):
+    """Add(Add(3×3-BN, 1×1-BN), Add(BN, 1×1-BN)): one bag of four terms."""
+    inner = b.add(_seg_conv_bn(b, h), b.bn(b.conv(h, 4, 4, (1, 1)), 4))
+    return b.add(inner, b.add(b.bn(h, 4), b.bn(b.conv(h, 4, 4, (1, 1)), 4)))
+
+
+def _seg_chain_into_sum(b, h):
+    """Conv→BN, then a RepVGG block on its output."""
+    return repvgg_block(b, _seg_conv_bn(b, h), 4, 4)
+
+
+def _seg_sequential_branch(b, h):
+    """A branch of two Conv→BN in a row beside a 1×1 Conv→BN: the sum is not one conv."""
+    two = _seg_conv_bn(b, _seg_conv_bn(b, h))
+    return b.add(two, b.bn(b.conv(h, 4, 4, (1, 1)), 4))
+
+
+def _seg_nhwc(b, h):
+    from test_layouts import TO_NCHW, TO_NHWC, nhwc_block
+    t = b.node("Transpose", [h], perm=TO_NHWC)
+    return b.node("Transpose", [b.node("Relu", [nhwc_block(b, t, 4, 4)])], perm=TO_NCHW)
+
+
+SEGMENTS = {f.__name__[5:]: f for f in (_seg_repvgg, _seg_repvgg_mul, _seg_repvgg_bn, _seg_conv_bn, _seg_conv_bn_mul,
+                                        _seg_nested_sum, _seg_chain_into_sum, _seg_sequential_branch, _seg_nhwc)}
+
+
+def stacked(names, seed=0) -> onnx.ModelProto:
+    b = Builder(seed)
+    h = b.input([1, 4, 7, 6])
+    for name in names:
+        h = SEGMENTS[name](b, h)
+    return b.model(h)
+
+
+@pytest.mark.parametrize("names", [["repvgg_mul", "repvgg_bn"], ["chain_into_sum", "nested_sum"],
+                                   ["nhwc", "nhwc", "conv_bn_mul"], ["sequential_branch", "repvgg"]],
+                         ids="+".join)
+def test_report_matches_the_result(names):
+    model = stacked(names)
+    assert_report_matches(model, fuse_and_check(model))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(st.lists(st.sampled_from(sorted(SEGMENTS)), min_size=1, max_size=4), st.booleans())
+def test_report_matches_the_result_property(permissive_rules, names, permissive):
+    """Any stack of blocks, nested sums, chains and NHWC blocks: count(reported fused) equals
+    the number of Convs the fusion made, and no initializer is left unread."""
+    model = stacked(names)
+    rules = dict(rules=[permissive_rules], builtin_rules=False) if permissive else {}
+    assert_report_matches(model, fuse_and_check(model, **rules))
+
+
+# ---------------------------------------------------------------- IR < 4
+
+def ir3_model() -> onnx.ModelProto:
+    """IR 3, every initializer a graph input: an NHWC block whose Transposes cancel around a
+    spatial Mul (whose constant is transposed), then a RepVGG block."""
+    from test_layouts import TO_NCHW, nhwc_block
+    b = Builder(seed=5, opset=8)
+    x = b.input([1, 9, 9, 4])
+    h = b.node("Mul", [b.node("Relu", [nhwc_block(b, x, 4, 4)]),
+                       b.const(np.random.default_rng(0).uniform(.5, 2, (1, 9, 9, 4)))])
+    h = b.node("Relu", [repvgg_block(b, b.node("Transpose", [h], perm=TO_NCHW), 4, 4)])
+    b.output(h, [1, 4, 9, 9])
+    m = b.model(ir_version=3)
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_ir3_initializers_as_constants_passes_the_checker():
+    """IR < 4 requires every initializer to be a graph input: the new weights, biases and
+    transposed constants are listed, with their types and shapes; dropped ones go with their entries."""
+    m = ir3_model()
+    result = fuse_and_check(m, initializers_as_constants=True, ops={"Conv": 2, "BatchNormalization": 0})
+    assert any("Transposes" in note for note in result.report.notes)
+    f = result.model
+    assert f.ir_version == 3
+    onnx.checker.check_model(f, full_check=True)
+    inputs = {i.name: i for i in f.graph.input}
+    for t in f.graph.initializer:
+        info = inputs.pop(t.name).type.tensor_type
+        assert info.elem_type == t.data_type and [d.dim_value for d in info.shape.dim] == list(t.dims)
+    assert list(inputs) == ["x"]
+    assert_report_matches(m, result)
