@@ -105,8 +105,19 @@ def place_kernel(kernel, offsets: Sequence[int], size: Sequence[int]):
     if tuple(size) == kernel.shape[2:] and not any(offsets):
         return kernel
     out = np.zeros(kernel.shape[:2] + tuple(size))
-    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))] = kernel
+    add_placed(out, kernel, offsets)
     return out
+
+
+def add_placed(total, kernel, offsets: Sequence[int], sign: float = 1.0) -> None:
+    """total += sign·(kernel placed at per-axis tap `offsets`), in place: no kernel-sized temporary."""
+    region = total[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))]
+    if sign == 1.0:
+        region += kernel
+    elif sign == -1.0:
+        region -= kernel
+    else:
+        region += sign * kernel
 
 
 def expand_groups(kernel, group: int, new_group: int):

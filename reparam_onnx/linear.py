@@ -281,7 +281,8 @@ def _evaluate_conv(expr: Conv, ctx: Context):
     bias = np.zeros(weight.shape[0]) if expr.bias is None else np.asarray(expr.bias, np.float64).reshape(-1)
     if bias.shape != (weight.shape[0],):
         raise NotExact(f"Conv '{name}' bias has {bias.size} values for {weight.shape[0]} channels")
-    kernel = kernels.scale_input_channels(weight, inner.scale, group)
+    # the block input itself (scale 1) is the common case: no pass over the weight for it
+    kernel = weight if np.all(inner.scale == 1) else kernels.scale_input_channels(weight, inner.scale, group)
     if np.any(inner.shift):
         if not geometry.unpadded:
             raise NotExact(f"a per-channel shift before the padded Conv '{name}' is not exact at the borders")
@@ -339,7 +340,7 @@ def _sum_terms(values, ctx: Context):
         raise NotExact(f"branches have different output channels {sorted(out_channels)}")
     out = out_channels.pop()
     group = kernels.common_group([c.group for c in convs])
-    maps: List[ConvMap] = []
+    maps: List[Tuple[float, ConvMap]] = []
     for sign, value in values:
         if isinstance(value, Diag):
             if out != ctx.channels:
@@ -347,20 +348,20 @@ def _sum_terms(values, ctx: Context):
             identity = kernels.identity_kernel(ctx.channels, group, ctx.rank)
             kernel, bias = kernels.fold_affine(identity, np.zeros(out), value.scale, value.shift)
             value = ConvMap(kernel, bias, ConvGeometry.pointwise(ctx.rank), group)
-        maps.append(ConvMap(sign * value.kernel, sign * value.bias, value.geometry, value.group))
+        maps.append((sign, value))
     try:
-        alignment = align([m.geometry for m in maps], ctx.spatial)
+        alignment = align([m.geometry for _, m in maps], ctx.spatial)
     except GeometryError as exc:
         raise NotExact(str(exc)) from None
     size = alignment.geometry.kernel
     _check_cost(out * (ctx.channels // group) * math.prod(size), sum(c.kernel.size for c in convs), size, ctx)
     total = np.zeros((out, ctx.channels // group) + size)
     bias = np.zeros(out)
-    for m, factors, offsets in zip(maps, alignment.dilation_factors, alignment.offsets):
+    for (sign, m), factors, offsets in zip(maps, alignment.dilation_factors, alignment.offsets):
         kernel = kernels.expand_groups(m.kernel, m.group, group)
         kernel = kernels.dilate_kernel(kernel, factors)
-        total += kernels.place_kernel(kernel, offsets, size)
-        bias += m.bias
+        kernels.add_placed(total, kernel, offsets, sign)
+        bias += sign * m.bias
     return ConvMap(total, bias, alignment.geometry, group, layout)
 
 

@@ -278,7 +278,7 @@ class Fuser:
         produced = {o for n in nodes for o in n.output}
         params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
         try:
-            inits = [numpy_helper.from_array(np.asarray(self.index.value(name)), name) for name in sorted(params)]
+            values = {name: np.asarray(self.index.value(name)) for name in params}
         except Exception as exc:  # a parameter that folded before must fold again; say so if not
             d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
             return False
@@ -289,7 +289,8 @@ class Fuser:
         except ValueError as exc:
             d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
             return False
-        result = check_block(source, dtype, output, (nodes, inits), (new_nodes, new_inits), self.model, runs,
+        fused = {new_inits[0].name: d.value.kernel, new_inits[1].name: d.value.bias}
+        result = check_block(source, dtype, output, (nodes, values), (new_nodes, fused), self.model, runs,
                              self.options.seed, self.options.rtol, self.options.atol)
         d.report.check = result.worst
         if not result.passed:
