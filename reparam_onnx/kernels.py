@@ -50,9 +50,12 @@ def _first(mask) -> "int | None":
     return int(hits[0]) if hits.size else None
 
 
-def fold_affine(kernel, bias, scale, shift):
-    """Per-output-channel affine after a conv: K' = K·s[o], b' = b·s + t."""
+def fold_affine(kernel, bias, scale, shift, inplace: bool = False):
+    """Per-output-channel affine after a conv: K' = K·s[o], b' = b·s + t (K scaled in place when asked)."""
     spatial = (1,) * (kernel.ndim - 1)
+    if inplace:
+        kernel *= scale.reshape((-1,) + spatial)
+        return kernel, bias * scale + shift
     return kernel * scale.reshape((-1,) + spatial), bias * scale + shift
 
 

@@ -227,7 +227,8 @@ def _evaluate_affine(expr: Affine, ctx: Context):
         if inner.pads is not None and np.any(shift):
             raise NotExact("a per-channel shift after zero padding is not exact at the borders")
         return Diag(inner.scale * scale, inner.shift * scale + shift, inner.layout, inner.pads)
-    kernel, bias = kernels.fold_affine(inner.kernel, inner.bias, scale, shift)
+    # every ConvMap kernel is the evaluation's own array (_evaluate_conv copies the weight): fold in place
+    kernel, bias = kernels.fold_affine(inner.kernel, inner.bias, scale, shift, inplace=True)
     return ConvMap(kernel, bias, inner.geometry, inner.group, inner.layout)
 
 
@@ -255,7 +256,7 @@ def _evaluate_conv(expr: Conv, ctx: Context):
     name = expr.nodes[0].name if expr.nodes else expr.tensor
     if expr.problem:
         raise NotExact(expr.problem)
-    weight = np.asarray(expr.weight, np.float64)
+    weight = np.array(expr.weight, np.float64)   # a copy, always: later folds scale it in place
     if weight.ndim - 2 != ctx.rank:
         raise NotExact(f"Conv '{name}' has a different spatial rank than the block")
     group = expr.group
