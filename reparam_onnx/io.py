@@ -1,6 +1,7 @@
 """Loading and saving models: external data, atomic writes, nothing else touched."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -14,6 +15,11 @@ from google.protobuf.message import DecodeError
 from .errors import InputError
 
 TWO_GIB = 2**31
+_ITEM_SIZE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+              onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+              onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
+              onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+              onnx.TensorProto.BOOL: 1}
 EXTERNAL_THRESHOLD = 1024   # bytes; smaller tensors stay inside the model file
 # the external-data keys onnx reads or writes; any other key might change what the bytes
 # mean to some reader, so it is refused rather than ignored
@@ -213,7 +219,7 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     protect, replaces = list(protect), list(replaces)
     if any(same_file(path, p) for p in protect):
         raise InputError(f"writing '{path}' would overwrite the input model; choose another output name")
-    external = external or model.ByteSize() >= TWO_GIB
+    external = external or _too_large_for_one_file(model)
     data_path = None
     if external:
         data_path = _data_path(path, protect)
@@ -233,6 +239,23 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
         except OSError:
             pass
     return kept
+
+
+_MARGIN = 256 << 20   # more than any graph's nodes and names take besides its tensor data
+
+
+def _too_large_for_one_file(model: onnx.ModelProto) -> bool:
+    """Whether the model reaches protobuf's 2 GiB: decided from the tensor payloads (dims × item
+    size, no serialization) unless they come within _MARGIN of it; then by ByteSize."""
+    payload = 0
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                                for a in n.attribute if a.HasField("t")]
+    for tensor in tensors:
+        size = _ITEM_SIZE.get(tensor.data_type)
+        payload += math.prod(tensor.dims) * size if size else tensor.ByteSize()
+    if payload + _MARGIN < TWO_GIB:
+        return False
+    return model.ByteSize() >= TWO_GIB
 
 
 def _data_path(path: Path, protect) -> Path:

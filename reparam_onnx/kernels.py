@@ -50,9 +50,12 @@ def _first(mask) -> "int | None":
     return int(hits[0]) if hits.size else None
 
 
-def fold_affine(kernel, bias, scale, shift):
-    """Per-output-channel affine after a conv: K' = K·s[o], b' = b·s + t."""
+def fold_affine(kernel, bias, scale, shift, inplace: bool = False):
+    """Per-output-channel affine after a conv: K' = K·s[o], b' = b·s + t (K scaled in place when asked)."""
     spatial = (1,) * (kernel.ndim - 1)
+    if inplace:
+        kernel *= scale.reshape((-1,) + spatial)
+        return kernel, bias * scale + shift
     return kernel * scale.reshape((-1,) + spatial), bias * scale + shift
 
 
@@ -105,8 +108,19 @@ def place_kernel(kernel, offsets: Sequence[int], size: Sequence[int]):
     if tuple(size) == kernel.shape[2:] and not any(offsets):
         return kernel
     out = np.zeros(kernel.shape[:2] + tuple(size))
-    out[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))] = kernel
+    add_placed(out, kernel, offsets)
     return out
+
+
+def add_placed(total, kernel, offsets: Sequence[int], sign: float = 1.0) -> None:
+    """total += sign·(kernel placed at per-axis tap `offsets`), in place: no kernel-sized temporary."""
+    region = total[(slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))]
+    if sign == 1.0:
+        region += kernel
+    elif sign == -1.0:
+        region -= kernel
+    else:
+        region += sign * kernel
 
 
 def expand_groups(kernel, group: int, new_group: int):

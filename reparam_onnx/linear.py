@@ -227,7 +227,8 @@ def _evaluate_affine(expr: Affine, ctx: Context):
         if inner.pads is not None and np.any(shift):
             raise NotExact("a per-channel shift after zero padding is not exact at the borders")
         return Diag(inner.scale * scale, inner.shift * scale + shift, inner.layout, inner.pads)
-    kernel, bias = kernels.fold_affine(inner.kernel, inner.bias, scale, shift)
+    # every ConvMap kernel is the evaluation's own array (_evaluate_conv copies the weight): fold in place
+    kernel, bias = kernels.fold_affine(inner.kernel, inner.bias, scale, shift, inplace=True)
     return ConvMap(kernel, bias, inner.geometry, inner.group, inner.layout)
 
 
@@ -255,7 +256,7 @@ def _evaluate_conv(expr: Conv, ctx: Context):
     name = expr.nodes[0].name if expr.nodes else expr.tensor
     if expr.problem:
         raise NotExact(expr.problem)
-    weight = np.asarray(expr.weight, np.float64)
+    weight = np.array(expr.weight, np.float64)   # a copy, always: later folds scale it in place
     if weight.ndim - 2 != ctx.rank:
         raise NotExact(f"Conv '{name}' has a different spatial rank than the block")
     group = expr.group
@@ -281,7 +282,8 @@ def _evaluate_conv(expr: Conv, ctx: Context):
     bias = np.zeros(weight.shape[0]) if expr.bias is None else np.asarray(expr.bias, np.float64).reshape(-1)
     if bias.shape != (weight.shape[0],):
         raise NotExact(f"Conv '{name}' bias has {bias.size} values for {weight.shape[0]} channels")
-    kernel = kernels.scale_input_channels(weight, inner.scale, group)
+    # the block input itself (scale 1) is the common case: no pass over the weight for it
+    kernel = weight if np.all(inner.scale == 1) else kernels.scale_input_channels(weight, inner.scale, group)
     if np.any(inner.shift):
         if not geometry.unpadded:
             raise NotExact(f"a per-channel shift before the padded Conv '{name}' is not exact at the borders")
@@ -339,7 +341,7 @@ def _sum_terms(values, ctx: Context):
         raise NotExact(f"branches have different output channels {sorted(out_channels)}")
     out = out_channels.pop()
     group = kernels.common_group([c.group for c in convs])
-    maps: List[ConvMap] = []
+    maps: List[Tuple[float, ConvMap]] = []
     for sign, value in values:
         if isinstance(value, Diag):
             if out != ctx.channels:
@@ -347,20 +349,20 @@ def _sum_terms(values, ctx: Context):
             identity = kernels.identity_kernel(ctx.channels, group, ctx.rank)
             kernel, bias = kernels.fold_affine(identity, np.zeros(out), value.scale, value.shift)
             value = ConvMap(kernel, bias, ConvGeometry.pointwise(ctx.rank), group)
-        maps.append(ConvMap(sign * value.kernel, sign * value.bias, value.geometry, value.group))
+        maps.append((sign, value))
     try:
-        alignment = align([m.geometry for m in maps], ctx.spatial)
+        alignment = align([m.geometry for _, m in maps], ctx.spatial)
     except GeometryError as exc:
         raise NotExact(str(exc)) from None
     size = alignment.geometry.kernel
     _check_cost(out * (ctx.channels // group) * math.prod(size), sum(c.kernel.size for c in convs), size, ctx)
     total = np.zeros((out, ctx.channels // group) + size)
     bias = np.zeros(out)
-    for m, factors, offsets in zip(maps, alignment.dilation_factors, alignment.offsets):
+    for (sign, m), factors, offsets in zip(maps, alignment.dilation_factors, alignment.offsets):
         kernel = kernels.expand_groups(m.kernel, m.group, group)
         kernel = kernels.dilate_kernel(kernel, factors)
-        total += kernels.place_kernel(kernel, offsets, size)
-        bias += m.bias
+        kernels.add_placed(total, kernel, offsets, sign)
+        bias += sign * m.bias
     return ConvMap(total, bias, alignment.geometry, group, layout)
 
 

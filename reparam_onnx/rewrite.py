@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
@@ -257,11 +256,12 @@ class Fuser:
         for d in fused:
             nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
             root = self.index.producer[d.expr.tensor]
-            new_nodes, inits = self._build_conv(d, root, names)
-            if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, inits):
+            new_nodes, params = self._build_conv(d, root, names)
+            if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, params):
                 continue
             applied.append((d, new_nodes))
-            graph.initializer.extend(inits)
+            for name, array in params.items():
+                add_initializer(graph, name, array)
             removed.update(id(n) for n in nodes)
             replace[id(root)] = new_nodes
             d.report.nodes = [n.name for n in nodes]
@@ -274,13 +274,13 @@ class Fuser:
         _remove_dead(graph, kept, read_before, self.index.initializers_are_constant)
         return applied
 
-    def _check_alone(self, d: Decision, nodes, new_nodes, new_inits) -> bool:
+    def _check_alone(self, d: Decision, nodes, new_nodes, new_params) -> bool:
         """Run the block and its replacement alone on random inputs; unfuse the block when they differ."""
         source, output = d.report.input, d.expr.tensor
         produced = {o for n in nodes for o in n.output}
         params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
         try:
-            inits = [numpy_helper.from_array(np.asarray(self.index.value(name)), name) for name in sorted(params)]
+            values = {name: np.asarray(self.index.value(name)) for name in params}
         except Exception as exc:  # a parameter that folded before must fold again; say so if not
             d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
             return False
@@ -291,7 +291,7 @@ class Fuser:
         except ValueError as exc:
             d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
             return False
-        result = check_block(source, dtype, output, (nodes, inits), (new_nodes, new_inits), self.model, runs,
+        result = check_block(source, dtype, output, (nodes, values), (new_nodes, new_params), self.model, runs,
                              self.options.seed, self.options.rtol, self.options.atol)
         d.report.check = result.worst
         if not result.passed:
@@ -308,8 +308,6 @@ class Fuser:
         w_name = unique_name(f"{base}/reparam.weight", names)
         b_name = unique_name(f"{base}/reparam.bias", names)
         g = value.geometry
-        weight = numpy_helper.from_array(value.kernel.astype(dtype, copy=False), w_name)
-        bias = numpy_helper.from_array(value.bias.astype(dtype, copy=False), b_name)
         source, output = d.report.input, d.expr.tensor
         canonical = tuple(range(g.rank + 2))
         nodes = []
@@ -326,7 +324,17 @@ class Fuser:
         if value.layout != canonical:   # and give the output the layout the graph had
             nodes.append(onnx.helper.make_node("Transpose", [conv_out], [output], name=unique_name(f"{base}/reparam.transpose", names),
                                                perm=list(value.layout)))
-        return nodes, [weight, bias]
+        return nodes, {w_name: value.kernel.astype(dtype, copy=False), b_name: value.bias.astype(dtype, copy=False)}
+
+
+def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:
+    """A new initializer written straight into the graph, as numpy_helper.from_array would make
+    it (from_array then extend would copy the data once more)."""
+    tensor = graph.initializer.add()
+    tensor.dims.extend(array.shape)
+    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.raw_data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+    tensor.name = name
 
 
 def check_sizes(spatial: Optional[Sequence[Optional[int]]], geometry) -> List[tuple]:

@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .report import Verification
 from .shapes import SPATIAL, input_dims
@@ -71,17 +72,21 @@ class _Runner:
     """One model in one onnxruntime session (onnx's reference evaluator where onnxruntime
     lacks a kernel, e.g. double Conv), exposing `extra` intermediate tensors as outputs."""
 
-    def __init__(self, model: onnx.ModelProto, extra: Iterable[str] = (), types: Optional[Dict[str, int]] = None,
+    def __init__(self, model, extra: Iterable[str] = (), types: Optional[Dict[str, int]] = None,
                  given: Sequence[str] = ()):
-        """`given`: tensors fed as inputs instead of computed (their producers are left out)."""
+        """`model`: a ModelProto, or (ModelProto, {stub initializer: array}); `given`: tensors fed
+        as inputs instead of computed (their producers are left out)."""
+        model, arrays = model if isinstance(model, tuple) else (model, {})
         with _extra_outputs(model, extra, types or {}), _given(model, given, types or {}):
             try:
-                self.session = _session(model)
+                self.session = _session(model, arrays)
                 self.evaluator = None
             except Exception as exc:
                 if "NOT_IMPLEMENTED" not in str(exc):
                     raise
                 from onnx.reference import ReferenceEvaluator
+                if arrays:   # the reference evaluator needs the data inside the model
+                    model = _with_data(model, arrays)
                 self.session, self.evaluator = None, ReferenceEvaluator(model)
 
     def __call__(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -114,6 +119,9 @@ CHOICE_OPS = {"TopK", "ArgMax", "ArgMin", "NonMaxSuppression", "Unique", "NonZer
 
 def choices(original: onnx.ModelProto, fused: onnx.ModelProto, types: Dict[str, int]) -> List[str]:
     """Outputs of the choice ops both models have (same outputs), whose element types are known."""
+    if not types:   # nothing can be fed (a block run alone has no choice ops)
+        return []
+
     def nodes(model):
         return [n for n in model.graph.node if n.op_type in CHOICE_OPS and n.domain in ("", "ai.onnx")]
     shared = {tuple(n.output) for n in nodes(original)}
@@ -150,19 +158,32 @@ def _given(model: onnx.ModelProto, names: Sequence[str], types: Dict[str, int]):
         graph.node.extend(nodes)
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: onnx.ModelProto, arrays: Optional[Dict[str, np.ndarray]] = None):
     """An onnxruntime session of the model as written (graph optimizations off: runtime fusions
     would blur what is compared). Weights of 1 KiB and more are not serialized with the graph:
-    they are handed over as external initializers, so the model may exceed protobuf's 2 GiB."""
+    they are handed over as external initializers, so the model may exceed protobuf's 2 GiB.
+    `arrays` supplies the data of stub initializers (see _initializer)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4   # errors come back as exceptions; the runtime's own log stays quiet
     with _weights_apart(model) as (names, values):
+        given = sorted(arrays or {})
+        names = names + given
+        values = values + [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in given]
         if names:
             options.add_external_initializers(names, values)
         graph = model.SerializeToString()
         return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def _with_data(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, tensor in enumerate(out.graph.initializer):
+        if tensor.name in arrays:
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.asarray(arrays[tensor.name]), tensor.name))
+    return out
 
 
 EXTERNAL_MIN_BYTES = 1024
@@ -350,16 +371,30 @@ def check_block(source: str, dtype, output: str, original, fused, model: onnx.Mo
                 runs: Sequence[Dict[str, np.ndarray]], seed: int = 0, rtol: Optional[float] = None,
                 atol: float = 0.0) -> Verification:
     """Run a block and its replacement alone, from `source` to `output`, on each feed set of
-    `runs` (arrays for `source`). `original` and `fused` are (nodes, initializers)."""
+    `runs` (arrays for `source`). `original` and `fused` are (nodes, {parameter: array}): large
+    arrays reach onnxruntime as they are, without a TensorProto copy."""
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     rank = runs[0][source].ndim
 
-    def build(nodes, inits):
+    def build(nodes, params):
         graph = onnx.helper.make_graph(
             list(nodes), "block", [onnx.helper.make_tensor_value_info(source, elem, [None] * rank)],
-            [onnx.helper.make_tensor_value_info(output, elem, None)], list(inits))
+            [onnx.helper.make_tensor_value_info(output, elem, None)],
+            [_initializer(name, array) for name, array in sorted(params.items())])
         block = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
         block.ir_version = model.ir_version
-        return block
+        return block, {n: a for n, a in params.items() if np.asarray(a).nbytes >= EXTERNAL_MIN_BYTES}
 
     return compare(build(*original), build(*fused), [], {}, runs, seed=seed, rtol=rtol, atol=atol, random=False)
+
+
+def _initializer(name: str, array) -> onnx.TensorProto:
+    """The initializer itself when small, else a stub (name, type, dims) whose data _session supplies."""
+    array = np.asarray(array)
+    if array.nbytes < EXTERNAL_MIN_BYTES or array.dtype.kind not in "fiub":
+        return numpy_helper.from_array(array, name)
+    stub = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                            dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", "reparam-onnx-initializers"
+    return stub
