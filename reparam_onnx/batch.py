@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import __version__, cli, io, risk
 from .errors import InputError
+from .verify import THREADS_ENV
 
 OUTCOMES = {0: "ok", 1: "with fusable blocks", 2: "bad input", 3: "not verified", 4: "internal error"}
 
@@ -225,7 +226,8 @@ def run_jobs(work: Sequence[Job], options: Dict[str, Any], verbose: bool, worker
     Interrupted (Ctrl-C), no further job starts and the running ones are interrupted too."""
     workers_ = Workers()
     with tempfile.TemporaryDirectory(prefix="reparam-onnx-") as scratch, ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(run_job, job, options, verbose, Path(scratch) / str(i), workers_)
+        threads = max(1, available_cores() // workers)   # onnxruntime threads per worker: no oversubscription
+        futures = [pool.submit(run_job, job, options, verbose, Path(scratch) / str(i), workers_, threads)
                    for i, job in enumerate(work)]
         try:
             for future in futures:
@@ -274,7 +276,8 @@ def child(job: Dict[str, Any]) -> None:
     getattr(importlib.import_module(module), name)(job["options"])
 
 
-def run_job(job: Job, options: Dict[str, Any], verbose: bool, scratch: Path, workers: Workers) -> Outcome:
+def run_job(job: Job, options: Dict[str, Any], verbose: bool, scratch: Path, workers: Workers,
+            threads: Optional[int] = None) -> Outcome:
     """One model in a worker process: its exit code, error and JSON report; a dead worker is exit 4."""
     scratch.mkdir()
     report, stdout, stderr, spec = (scratch / name for name in ("report.json", "stdout", "stderr", "job.json"))
@@ -284,8 +287,9 @@ def run_job(job: Job, options: Dict[str, Any], verbose: bool, scratch: Path, wor
                                 "options": one}), encoding="utf-8")
     before = _temporaries(job)
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        env = dict(os.environ, **({THREADS_ENV: str(threads)} if threads else {}))
         process = subprocess.Popen([sys.executable, "-c", BOOT, str(spec)], stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=err)
+                                   stderr=err, env=env)
         workers.add(process)
         try:
             code = process.wait()

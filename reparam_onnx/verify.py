@@ -7,6 +7,7 @@ compared. The error of a tensor is max|Δ| / max|ref|; see compare() for when it
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -167,6 +168,9 @@ def _session(model: onnx.ModelProto, arrays: Optional[Dict[str, np.ndarray]] = N
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4   # errors come back as exceptions; the runtime's own log stays quiet
+    threads = os.environ.get(THREADS_ENV, "")
+    if threads.isdigit() and int(threads) > 0:   # set by the batch for its workers
+        options.intra_op_num_threads = int(threads)
     with _weights_apart(model) as (names, values):
         given = sorted(arrays or {})
         names = names + given
@@ -187,6 +191,7 @@ def _with_data(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]) -> onnx.Mo
 
 
 EXTERNAL_MIN_BYTES = 1024
+THREADS_ENV = "REPARAM_ONNX_ORT_THREADS"   # onnxruntime threads per session (the batch sets it per worker)
 _PLAIN = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
           onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
           onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}

@@ -403,3 +403,28 @@ def test_interrupt_stops_the_batch(tmp_path, out):
     assert "m0.onnx" in written and len(written) < 6 and all(name.endswith(".onnx") for name in written)
     printed = len(lines_of(first + rest))                   # no tally; the model running may have just finished
     assert printed <= len(written) <= printed + 1
+
+
+def test_workers_share_the_cores_among_their_sessions(monkeypatch):
+    """Each worker's onnxruntime sessions get cores // jobs threads, so a batch never oversubscribes."""
+    from reparam_onnx import batch
+    seen = []
+    real = batch.subprocess.Popen
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("env", {}).get(batch.THREADS_ENV))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(batch.subprocess, "Popen", spy)
+    monkeypatch.setattr(batch, "available_cores", lambda: 4)
+    b = Builder(seed=3)
+    x = b.input([1, 4, 7, 7])
+    model = b.model(b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4))
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name in ("a", "b"):
+            paths.append(Path(tmp) / f"{name}.onnx")
+            onnx.save(model, paths[-1])
+        out = Path(tmp) / "out"
+        assert invoke([*paths, "--out-dir", out, "-j", "2", "-q"]) == 0
+    assert seen == ["2", "2"]
