@@ -7,7 +7,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -49,7 +49,7 @@ def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Opt
     if path.stat().st_size == 0:
         raise InputError(f"'{path}' is empty")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _parse(path, keep=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"'{path}' is not an ONNX model ({_first_line(exc) or type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
@@ -152,6 +152,24 @@ def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: 
         raise InputError(f"external data of '{tensor.name}': {what} is past the end of '{location}' ({size} bytes)")
 
 
+_parsed: Dict[tuple, onnx.ModelProto] = {}
+
+
+def _parse(path: Path, keep: bool) -> onnx.ModelProto:
+    """The model in the file, without external data. The command's file checks read the input
+    before load() does: the last parse is kept (keep=True) for the next caller, by file identity
+    (device, inode, size, mtime), so a large model is parsed once; load() takes it (keep=False)."""
+    info = path.stat()
+    key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    model = _parsed.pop(key, None)
+    if model is None:
+        model = onnx.load(str(path), load_external_data=False)
+    _parsed.clear()
+    if keep:
+        _parsed[key] = model
+    return model
+
+
 def external_locations(path: PathLike) -> Optional[List[Path]]:
     """The data files a model file refers to (as written, relative to its folder), or None
     when the file cannot be read as a model (it might refer to anything). Only a regular
@@ -160,7 +178,7 @@ def external_locations(path: PathLike) -> Optional[List[Path]]:
     if not path.is_file():
         return None
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _parse(path, keep=True)
     except Exception:  # not a model, unreadable, too large: nothing can be said
         return None
     return [path.parent / entry.value for t in _all_tensors(model.graph) for entry in t.external_data
