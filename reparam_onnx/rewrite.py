@@ -501,7 +501,45 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
     pairs = _cancel_transposes(model, options, created) if created else 0
     if pairs:
         notes.append(f"cancelled {pairs} pair(s) of inverse Transposes around fused blocks")
+    if fused:
+        dropped = drop_unvouched_value_info(model)
+        if dropped:
+            notes.append(f"dropped {dropped} value_info entr{'y' if dropped == 1 else 'ies'} whose shapes the graph "
+                         f"does not guarantee (a runtime that trusts them can fail on the rewritten graph)")
     return fused + left, notes
+
+
+def drop_unvouched_value_info(model: onnx.ModelProto) -> int:
+    """Keep the value_info entries the guaranteed shapes agree with (static_shapes: declared
+    input dims and initializers, inferred): an entry is dropped when it names a static dim the
+    graph does not guarantee or contradicts, or another element type. A file may carry stale
+    entries from an earlier export; onnxruntime's memory planner trusts them, and a rewritten
+    graph (its nodes in another order) can fail where the original ran by luck."""
+    shapes = static_shapes(model)
+    keep = [info for info in model.graph.value_info if _vouched(info, shapes.get(info.name))]
+    dropped = len(model.graph.value_info) - len(keep)
+    if dropped:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(keep)
+    return dropped
+
+
+def _vouched(info: onnx.ValueInfoProto, known) -> bool:
+    if not info.type.HasField("tensor_type"):
+        return True
+    t = info.type.tensor_type
+    if known is None:
+        return not t.HasField("shape") or all(not d.HasField("dim_value") for d in t.shape.dim)
+    dims, dtype = known
+    if t.elem_type and dtype is not None and onnx.helper.tensor_dtype_to_np_dtype(t.elem_type) != dtype:
+        return False
+    if not t.HasField("shape"):
+        return True
+    if dims is None:
+        return all(not d.HasField("dim_value") for d in t.shape.dim)
+    if len(t.shape.dim) != len(dims):
+        return False
+    return all(not d.HasField("dim_value") or d.dim_value == g for d, g in zip(t.shape.dim, dims))
 
 
 def _take_in_absorbed(report: BlockReport, made: Dict[str, BlockReport], fused: List[BlockReport]) -> None:

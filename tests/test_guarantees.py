@@ -295,3 +295,35 @@ def test_choices_taken_from_the_original_still_catch_a_wrong_block(monkeypatch):
     monkeypatch.setattr(kernels, "identity_kernel", lambda c, g, r: real(c, g, r) * 0.5)
     with pytest.raises(VerificationError):
         fuse_with_report(_topk_model(), check_blocks=False)
+
+
+def test_stale_value_info_is_dropped_once_the_graph_is_rewritten():
+    """A rewritten graph keeps no value_info the graph does not guarantee: onnxruntime's memory
+    planner trusts it, and the fused model (nodes in another order) failed where the original ran."""
+    b = Builder(seed=0)
+    x = b.input([1, 2, 1, "W"])
+    c1 = b.conv(x, 2, 2, (1, 1), bias=False)
+    c2 = b.conv(x, 2, 2, (1, 4), pads=(0, 0, 0, 3), bias=False)
+    c3 = b.conv(x, 2, 2, (1, 4), bias=False)
+    model = b.model(b.add(b.add(b.add(c1, x), c3), c2))
+    model.graph.value_info.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, 2, 1, 1])
+                                  for t in (c1, c2, c3))
+    model.graph.value_info.append(helper.make_tensor_value_info(c2, TensorProto.FLOAT, [1, 2, 1, None]))
+    result = fuse_with_report(model, allow_larger=True, verify=False)   # the model runs at W = 4 only
+    assert result.report.fused
+    kept = {(v.name, tuple(d.dim_value if d.HasField("dim_value") else None
+                           for d in v.type.tensor_type.shape.dim)) for v in result.model.graph.value_info}
+    assert all(1 not in dims[3:] for _, dims in kept)    # the stale W = 1 claims are gone
+    assert any("value_info" in n for n in result.report.notes)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 2, 1, 4)).astype(np.float32)}
+    assert_equivalent(model, result.model, feeds)
+
+
+def test_vouched_value_info_is_kept():
+    b = Builder(seed=1)
+    x = b.input([1, 4, 9, 7])
+    y = b.node("Relu", [repvgg_block(b, x, 4, 4)])
+    model = b.model(b.node("Relu", [y]))
+    model.graph.value_info.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 4, 9, None]))
+    result = fuse_with_report(model)
+    assert [v.name for v in result.model.graph.value_info] == [y]
