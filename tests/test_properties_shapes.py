@@ -340,9 +340,10 @@ def const_shapes(o: int, ho: int, wo: int) -> Tuple[list, list]:
 
 @st.composite
 def trees(draw, leaves: List[int]):
+    """A random n-ary Sum / binary Add, Sub tree over `leaves`, in their order."""
     if len(leaves) == 1:
         return ("leaf", leaves[0])
-    op = draw(st.sampled_from(["Sum", "Sum", "Add", "Add", "Sub"]))
+    op = draw(st.sampled_from(["Sum", "Sum", "Add", "Sub", "Sub"]))
     if op == "Sum":
         parts = draw(st.integers(2, len(leaves)))
         cuts = sorted(draw(st.lists(st.integers(1, len(leaves) - 1), min_size=parts - 1, max_size=parts - 1,
@@ -353,6 +354,41 @@ def trees(draw, leaves: List[int]):
     return (op,) + tuple(draw(trees(leaves[a:b])) for a, b in zip(bounds, bounds[1:]))
 
 
+def _paths(tree, path=()):
+    yield path
+    if tree[0] != "leaf":
+        for i, child in enumerate(tree[1:]):
+            yield from _paths(child, path + (i + 1,))
+
+
+def _at(tree, path):
+    return tree if not path else _at(tree[path[0]], path[1:])
+
+
+def _replace(tree, path, new):
+    if not path:
+        return new
+    i = path[0]
+    return tree[:i] + (_replace(tree[i], path[1:], new),) + tree[i + 1:]
+
+
+@st.composite
+def with_constant(draw, tree, leaf: int):
+    """The tree with constant `leaf` attached anywhere: an extra operand of a Sum node, or a new
+    Sum/Add/Sub over some subtree (on either side: Sub(c, t) negates t)."""
+    paths = list(_paths(tree))
+    sums = [p for p in paths if _at(tree, p)[0] == "Sum"]
+    path = draw(st.sampled_from(sums if sums and draw(st.booleans()) else paths))
+    node = _at(tree, path)
+    const = ("leaf", leaf)
+    if node[0] == "Sum" and draw(st.integers(0, 2)):
+        pos = draw(st.integers(1, len(node)))
+        return _replace(tree, path, node[:pos] + (const,) + node[pos:])
+    op = draw(st.sampled_from(["Sum", "Add", "Sub"]))
+    pair = (node, const) if draw(st.booleans()) else (const, node)
+    return _replace(tree, path, (op,) + pair)
+
+
 @st.composite
 def const_cases(draw) -> ConstCase:
     c = draw(st.integers(1, 4))
@@ -361,7 +397,7 @@ def const_cases(draw) -> ConstCase:
     stride = 1 if identity else draw(st.integers(1, 2))
     h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
     convs = tuple((draw(st.sampled_from([1, 3])), draw(st.booleans()), draw(st.booleans()))
-                  for _ in range(draw(st.integers(1, 3))))
+                  for _ in range(draw(st.integers(1, 4))))
     ho, wo = -(-h // stride), -(-w // stride)
     per_ch, other = const_shapes(o, ho, wo)
     n_const = draw(st.integers(1, 3))
@@ -371,9 +407,10 @@ def const_cases(draw) -> ConstCase:
         constants.append((draw(st.sampled_from(pool)), draw(st.sampled_from(["init", "init", "node", "identity",
                                                                               "folded"]))))
     n_terms = len(convs) + (identity is not None)
-    leaves = draw(st.permutations(range(n_terms + n_const)))
-    return ConstCase(c, o, h, w, stride, convs, identity, tuple(constants), draw(trees(list(leaves))),
-                     draw(st.booleans()))
+    tree = draw(trees(list(draw(st.permutations(range(n_terms))))))
+    for leaf in range(n_terms, n_terms + n_const):
+        tree = draw(with_constant(tree, leaf))
+    return ConstCase(c, o, h, w, stride, convs, identity, tuple(constants), tree, draw(st.booleans()))
 
 
 def build_const_case(case: ConstCase):
@@ -412,7 +449,7 @@ def build_const_case(case: ConstCase):
     return b.model(out), total, out
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=250, **SETTINGS)
 @given(const_cases())
 def test_constants_in_sums(permissive_rules, case):
     """(2): always equivalent; only per-channel constants: one Conv left; any other: the block stays, with a reason."""
