@@ -29,14 +29,14 @@ with one permissive rule and no builtin rules, so no safety net can hide a wrong
     constants only the block is fused and one Conv is all that is left; with any other, the
     block is left with a reason.
 (3) Non-deterministic producers. A Conv weight or bias, a BN parameter (in a branch or after
-    the sum) or a Mul operand (in a branch, on the identity, after the sum) comes from
-    RandomNormal/RandomUniform/(...)Like/Bernoulli/Multinomial/Dropout in training mode/an If
-    whose branch draws (nested too), possibly behind Identity, Cast, Add, Mul, Reshape: the draw
-    is never folded. Every node computing the parameter and every node reading it is in the
-    result unchanged (their initializers too), no fused block contains one, a block whose conv
-    or BN reads it is reported unfused naming the non-determinism, and a deterministic block
-    beside it is still fused (the engine was not simply idle). Outputs are not compared: the
-    draws differ run to run.
+    the sum), a Mul operand (in a branch, on the identity, after the sum) or an operand of the
+    Sum/Add itself comes from RandomNormal/RandomUniform/(...)Like/Bernoulli/Multinomial/Dropout
+    in training mode/an If whose branch draws (nested too), possibly behind Identity, Cast, Add,
+    Mul, Reshape: the draw is never folded. Every node computing the parameter and every node
+    reading it is in the result unchanged (their initializers too), no fused block contains one,
+    a block whose conv or BN reads it is reported unfused naming the non-determinism, and a
+    deterministic block beside it is still fused (the engine was not simply idle). Outputs are
+    not compared: the draws differ run to run.
 (4) The isolated block check is a net for class (1): with check_blocks=True (verification still
     off) even an engine that decides an unknown size by a guess (simulated by patching the
     geometry to assume length 17) writes nothing that differs at some size, because the check
@@ -528,7 +528,8 @@ DRAWS = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike
          "Dropout")
 PRODUCERS = DRAWS + ("If", "If-nested")
 CHAIN_OPS = ("Identity", "Cast", "Add", "Mul", "Reshape")
-TARGETS = ("conv_weight", "conv_bias", "bn_param", "post_bn_param", "mul_branch", "mul_post", "mul_identity")
+TARGETS = ("conv_weight", "conv_bias", "bn_param", "post_bn_param", "mul_branch", "mul_post", "mul_identity",
+           "sum_operand")
 
 
 @dataclass(frozen=True)
@@ -646,7 +647,10 @@ def build_draw_case(case: DrawCase):
         k1 = conv(1, False)
         k1 = mul(k1) if target == "mul_branch" else bn(k1, False)
         ident = mul(x) if target == "mul_identity" else b.bn(x, c)
-        total = b.node("Sum", [k3, k1, ident]) if case.combine == "Sum" else b.add(k3, k1, ident)
+        terms = [k3, k1, ident]
+        if target == "sum_operand":   # a would-be constant operand of the sum, in the middle
+            terms.insert(1 + case.param % 3, drawn_param(b, case, (1, c, 1, 1)))
+        total = b.node("Sum", terms) if case.combine == "Sum" else b.add(*terms)
         if target == "post_bn_param":
             total = bn(total, True)
         out = mul(total) if target == "mul_post" else total
