@@ -679,7 +679,7 @@ def drawn_tensors(model: onnx.ModelProto) -> set:
     return drawn
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=200, **SETTINGS)
 @given(draw_cases())
 def test_draws_are_never_folded(permissive_rules, case):
     """(3): what a draw feeds stays as it is; the deterministic rest is still fused."""
