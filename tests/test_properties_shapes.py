@@ -24,10 +24,10 @@ with one permissive rule and no builtin rules, so no safety net can hide a wrong
     branches and an identity, with constants attached at any depth (an extra operand of a Sum
     node, or either side of a new Sum/Add/Sub: Sub(c, t) negates t) as initializers, Constant
     nodes, Identity(initializer) or constant subtrees, of shapes per-channel ([1,C,1,1], [C,1,1],
-    [1,C,1], [1], scalar) or not ([1,1,H,1], [1,1,1,W], [1,C,H,W], [H,W], [C] on the W axis,
-    [2,1,1,1] that widens the batch, rank 5): the result is always equivalent; with per-channel
-    constants only the block is fused and one Conv is all that is left; with any other, the
-    block is left with a reason.
+    [1,1,1,1], [1], scalar) or not ([1,1,H,1], [1,1,1,W], [1,C,H,W], [H,W], [1,C,1] and [C] that
+    land on H and W, [2,1,1,1] that widens the batch, rank 5): the result is always equivalent;
+    with per-channel constants only (judged from the shape broadcast against N,C,H,W) the block
+    is fused and one Conv is all that is left; with any other, the block is left with a reason.
 (3) Non-deterministic producers. A Conv weight or bias, a BN parameter (in a branch or after
     the sum), a Mul operand (in a branch, on the identity, after the sum) or an operand of the
     Sum/Add itself comes from RandomNormal/RandomUniform/(...)Like/Bernoulli/Multinomial/Dropout
@@ -380,8 +380,10 @@ class ConstCase:
 
 
 def const_shapes(o: int, ho: int, wo: int) -> Tuple[list, list]:
-    per_ch = [(1, o, 1, 1), (o, 1, 1), (1,), (), (1, 1, 1, 1), (1, o, 1)]
-    other = [(1, 1, ho, 1), (1, 1, 1, wo), (1, o, ho, wo), (ho, wo), (o,), (2, 1, 1, 1), (1, 1, 1, 1, 1)]
+    """Shapes that are meant per-channel, and shapes that are not (unless a dim happens to be 1:
+    the expectation is per_channel_shape, not this split). (1, o, 1) and (o,) land on H and W."""
+    per_ch = [(1, o, 1, 1), (o, 1, 1), (1,), (), (1, 1, 1, 1)]
+    other = [(1, 1, ho, 1), (1, 1, 1, wo), (1, o, ho, wo), (ho, wo), (1, o, 1), (o,), (2, 1, 1, 1), (1, 1, 1, 1, 1)]
     return per_ch, other
 
 
