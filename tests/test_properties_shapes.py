@@ -774,16 +774,13 @@ def _stale_buffer_model():
     return model
 
 
-# ENGINE BUG (found by test_written_blocks_are_exact_at_every_size with random seeds; left for the
-# engine's owners): the rewrite keeps the input's value_info entries for every tensor that survives,
-# stale ones too. Here Add(Conv1x1(x), x) is fused (rightly: exact at every W) and its Conv moves
-# after the other convs; onnxruntime's memory planner trusts the stale [1,2,1,1] and the fused model
-# fails at W = 4 ("Shape mismatch attempting to re-use buffer"), where the original runs. Expected:
-# the fused model runs wherever the original does, e.g. by writing no value_info the engine cannot
-# vouch for (at least none on tensors of or next to a rewritten block).
-@pytest.mark.xfail(strict=True, raises=ort.capi.onnxruntime_pybind11_state.Fail,
-                   reason="the rewrite keeps stale value_info that onnxruntime's memory planner trusts")
-def test_stale_value_info_kept_by_the_rewrite_breaks_onnxruntime(permissive_rules):
+# Found by test_written_blocks_are_exact_at_every_size with random seeds: the rewrite kept the
+# input's stale value_info ([1,2,1,1] on the three conv outputs); Add(Conv1x1(x), x) is fused
+# (rightly: exact at every W) and its Conv moves after the other convs; onnxruntime's memory
+# planner trusted the stale entry and the fused model failed at W = 4 ("Shape mismatch attempting
+# to re-use buffer"), where the original runs. Fixed: a rewritten model keeps only value_info the
+# guaranteed shapes vouch for (rewrite.drop_unvouched_value_info).
+def test_rewrite_drops_the_stale_value_info_onnxruntime_trusts(permissive_rules):
     model = _stale_buffer_model()
     feeds = {"x": np.random.default_rng(0).standard_normal((1, 2, 1, 4)).astype(np.float32)}
     expected = session(model).run(None, feeds, QUIET)   # the original runs
