@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -71,24 +70,26 @@ def random_array(dims: Sequence[int], dtype, rng, name: str) -> np.ndarray:
 
 class _Runner:
     """One model in one onnxruntime session (onnx's reference evaluator where onnxruntime
-    lacks a kernel, e.g. double Conv), exposing `extra` intermediate tensors as outputs."""
+    lacks a kernel, e.g. double Conv), exposing `extra` intermediate tensors as outputs.
+
+    The model is only read: the session is built from a skeleton beside it (see _skeleton)."""
 
     def __init__(self, model, extra: Iterable[str] = (), types: Optional[Dict[str, int]] = None,
                  given: Sequence[str] = ()):
         """`model`: a ModelProto, or (ModelProto, {stub initializer: array}); `given`: tensors fed
         as inputs instead of computed (their producers are left out)."""
         model, arrays = model if isinstance(model, tuple) else (model, {})
-        with _extra_outputs(model, extra, types or {}), _given(model, given, types or {}):
-            try:
-                self.session = _session(model, arrays)
-                self.evaluator = None
-            except Exception as exc:
-                if "NOT_IMPLEMENTED" not in str(exc):
-                    raise
-                from onnx.reference import ReferenceEvaluator
-                if arrays:   # the reference evaluator needs the data inside the model
-                    model = _with_data(model, arrays)
-                self.session, self.evaluator = None, ReferenceEvaluator(model)
+        skeleton, weights = _skeleton(model)
+        _expose(skeleton, extra, given, types or {})
+        try:
+            self.session = _session(skeleton, {**weights, **arrays})
+            self.evaluator = None
+        except Exception as exc:
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            from onnx.reference import ReferenceEvaluator   # small models in practice (double Conv)
+            full = _with_data(skeleton, {**weights, **arrays})
+            self.session, self.evaluator = None, ReferenceEvaluator(full)
 
     def __call__(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if self.evaluator is not None:
@@ -97,18 +98,64 @@ class _Runner:
         return dict(zip(names, self.session.run(names, feeds)))
 
 
-@contextmanager
-def _extra_outputs(model: onnx.ModelProto, names: Iterable[str], types: Dict[str, int]):
-    """Temporarily expose intermediate tensors as graph outputs (the model is restored afterwards)."""
-    present = {o.name for o in model.graph.output}
-    added = [n for n in names if n not in present and n in types]
-    for name in added:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-    try:
-        yield
-    finally:
-        for _ in added:
-            model.graph.output.pop()
+def _expose(model: onnx.ModelProto, extra: Iterable[str], given: Sequence[str], types: Dict[str, int]) -> None:
+    """Intermediate tensors `extra` become graph outputs; tensors `given` become graph inputs,
+    and the nodes that produce them are left out."""
+    graph = model.graph
+    present = {o.name for o in graph.output}
+    for name in extra:
+        if name not in present and name in types:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+    given = set(given)
+    if given:
+        kept = [n for n in graph.node if not any(o in given for o in n.output)]
+        del graph.node[:]
+        graph.node.extend(kept)
+        for name in sorted(given):
+            graph.input.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+
+
+def _skeleton(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, np.ndarray]]:
+    """A copy of the model whose initializers of 1 KiB and more are stubs (name, type, dims,
+    an external location never read), and {stub: its data as an array} for _session. Nothing
+    of the model is modified, and no weight is copied into another protobuf (a model over
+    2 GiB then still serializes)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    _copy_fields(model.graph, out.graph, skip={"initializer"})
+    arrays = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _PLAIN \
+                or not tensor.HasField("raw_data") or math.prod(tensor.dims) * _itemsize(tensor) < EXTERNAL_MIN_BYTES:
+            out.graph.initializer.add().CopyFrom(tensor)
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        arrays[tensor.name] = np.frombuffer(tensor.raw_data, dtype).reshape(tuple(tensor.dims))
+        out.graph.initializer.add().CopyFrom(_stub(tensor.name, tensor.data_type, tensor.dims))
+    return out, arrays
+
+
+def _copy_fields(source, target, skip) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):        # a repeated field
+            getattr(target, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):    # a message
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _itemsize(tensor: onnx.TensorProto) -> int:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def _stub(name: str, data_type: int, dims) -> onnx.TensorProto:
+    stub = onnx.TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=onnx.TensorProto.EXTERNAL)
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", "reparam-onnx-initializers"   # never read: supplied as arrays
+    return stub
 
 
 # Ops whose outputs do not move continuously with their inputs: a ranking, a selection, a
@@ -135,35 +182,9 @@ def choices(original: onnx.ModelProto, fused: onnx.ModelProto, types: Dict[str, 
     return names
 
 
-@contextmanager
-def _given(model: onnx.ModelProto, names: Sequence[str], types: Dict[str, int]):
-    """Temporarily turn `names` into graph inputs, leaving out the nodes that produce them
-    (nodes are small: they are copied; weights are not touched). Restored afterwards."""
-    names = set(names)
-    if not names:
-        yield
-        return
-    graph = model.graph
-    nodes = list(graph.node)
-    kept = [n for n in nodes if not any(o in names for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(kept)
-    for name in sorted(names):
-        graph.input.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-    try:
-        yield
-    finally:
-        for _ in names:
-            graph.input.pop()
-        del graph.node[:]
-        graph.node.extend(nodes)
-
-
-def _session(model: onnx.ModelProto, arrays: Optional[Dict[str, np.ndarray]] = None):
+def _session(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]):
     """An onnxruntime session of the model as written (graph optimizations off: runtime fusions
-    would blur what is compared). Weights of 1 KiB and more are not serialized with the graph:
-    they are handed over as external initializers, so the model may exceed protobuf's 2 GiB.
-    `arrays` supplies the data of stub initializers (see _initializer)."""
+    would blur what is compared), the data of its stub initializers given as `arrays`."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -171,14 +192,15 @@ def _session(model: onnx.ModelProto, arrays: Optional[Dict[str, np.ndarray]] = N
     threads = os.environ.get(THREADS_ENV, "")
     if threads.isdigit() and int(threads) > 0:   # set by the batch for its workers
         options.intra_op_num_threads = int(threads)
-    with _weights_apart(model) as (names, values):
-        given = sorted(arrays or {})
-        names = names + given
-        values = values + [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n])) for n in given]
-        if names:
-            options.add_external_initializers(names, values)
-        graph = model.SerializeToString()
-        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    names = sorted(arrays)
+    # an OrtValue does not keep its array alive: hold the (contiguous) arrays until the session
+    # has copied them in; they may go afterwards
+    held = [np.ascontiguousarray(arrays[n]) for n in names]
+    if names:
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in held])
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del held
+    return session
 
 
 def _with_data(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -195,37 +217,6 @@ THREADS_ENV = "REPARAM_ONNX_ORT_THREADS"   # onnxruntime threads per session (th
 _PLAIN = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
           onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
           onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
-
-
-@contextmanager
-def _weights_apart(model: onnx.ModelProto):
-    """Temporarily move the raw data of large initializers out of the model, leaving each an
-    external-data stub; yields (names, OrtValues over that data). The model is restored after."""
-    import onnxruntime as ort
-    moved = []
-    try:
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _PLAIN \
-                    or not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
-                continue
-            data = tensor.raw_data
-            moved.append((tensor, data, tensor.HasField("data_location")))
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            entry = tensor.external_data.add()
-            entry.key, entry.value = "location", "reparam-onnx-initializers"   # never read: supplied below
-        values = [ort.OrtValue.ortvalue_from_numpy(
-            np.frombuffer(data, onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims)))
-            for t, data, _ in moved]
-        yield [t.name for t, _, _ in moved], values
-    finally:
-        for tensor, data, had_location in moved:
-            del tensor.external_data[:]
-            if had_location:
-                tensor.data_location = onnx.TensorProto.DEFAULT
-            else:
-                tensor.ClearField("data_location")
-            tensor.raw_data = data
 
 
 def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
@@ -399,8 +390,4 @@ def _initializer(name: str, array) -> onnx.TensorProto:
     array = np.asarray(array)
     if array.nbytes < EXTERNAL_MIN_BYTES or array.dtype.kind not in "fiub":
         return numpy_helper.from_array(array, name)
-    stub = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                            dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
-    entry = stub.external_data.add()
-    entry.key, entry.value = "location", "reparam-onnx-initializers"
-    return stub
+    return _stub(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
