@@ -55,7 +55,6 @@ from unittest import mock
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
