@@ -103,11 +103,11 @@ def _verify(original: onnx.ModelProto, fused: onnx.ModelProto, fused_blocks: Seq
     produced = {o for n in fused.graph.node for o in n.output}
     # a block output the layout pass folded away is checked through what it feeds
     compared = [b.output for b in fused_blocks if b.output in produced]
+    sizes: List[int] = [SPATIAL]
+    short: List[str] = []   # fused convs whose input did not take every residue of its stride
     if inputs is not None:
         runs = [inputs]
     else:
-        sizes: List[int] = [SPATIAL]
-        short: List[str] = []
         if has_dynamic_spatial(original):   # every residue a fused conv's output grid depends on
             sizes, short = covering_sizes(fused, _fused_convs(fused, fused_blocks))
         try:
@@ -116,7 +116,7 @@ def _verify(original: onnx.ModelProto, fused: onnx.ModelProto, fused_blocks: Seq
             return Verification(ran=False, passed=False, message=str(exc))
     result = compare(original, fused, compared, types, runs=runs, seed=seed, rtol=rtol, atol=atol,
                      random=inputs is None)
-    if inputs is None and has_dynamic_spatial(original) and short:
+    if short:
         result.message = "; ".join(filter(None, [result.message, (
             f"at {len(sizes)} input sizes, the input of {', '.join(short[:3])} did not take every residue "
             f"modulo its stride (each block alone was checked at all of them)")]))

@@ -225,6 +225,27 @@ def leftovers(folder: Path, keep=()) -> list:
 
 # ---------------------------------------------------------------- property tests
 
+# A user rule file: RepVGG under another name, at a priority above the built-in rules.
+MY_RULE = """\
+name = "my_rule"
+summary = "RepVGG, by another name"
+priority = 1000
+
+[[terms]]
+kind = "conv"
+kernel = "square"
+
+[[terms]]
+kind = "conv"
+kernel = "1x1"
+count = [0, 1]
+
+[[terms]]
+kind = "identity"
+count = [0, 1]
+"""
+
+
 # One rule that accepts every block the engine finds exact: makes rules irrelevant.
 PERMISSIVE_RULE = """\
 name = "any"

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import Builder, assert_equivalent, invoke, leftovers, one_error_line, repvgg_block, run_cli
+from conftest import MY_RULE, Builder, assert_equivalent, invoke, leftovers, one_error_line, repvgg_block, run_cli
 
 import reparam_onnx
 from reparam_onnx import api
@@ -468,24 +468,6 @@ def test_bad_input_subprocess(kind, tmp_path, outdir):
 
 # ---------------------------------------------------------------- --rules
 
-MY_RULE = """\
-name = "my_rule"
-summary = "RepVGG, by another name"
-priority = 1000
-
-[[terms]]
-kind = "conv"
-kernel = "square"
-
-[[terms]]
-kind = "conv"
-kernel = "1x1"
-count = [0, 1]
-
-[[terms]]
-kind = "identity"
-count = [0, 1]
-"""
 
 
 def test_user_rule_dir(model_path, outdir, tmp_path, capfd):

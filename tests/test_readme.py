@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import ROOT
+from conftest import MY_RULE, ROOT
 from reparam_onnx.rulebook import load_rules
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -47,24 +47,6 @@ def test_short_citations_exist():
 # ---------------------------------------------------------------- the README's examples run
 
 RUNNABLE_SECTIONS = ["Use", "Python", "Many models", "Numeric risk: float16 and int8", "pre-commit"]
-MY_RULE = """\
-name = "my_rule"
-summary = "RepVGG, by another name"
-priority = 1000
-
-[[terms]]
-kind = "conv"
-kernel = "square"
-
-[[terms]]
-kind = "conv"
-kernel = "1x1"
-count = [0, 1]
-
-[[terms]]
-kind = "identity"
-count = [0, 1]
-"""
 
 
 def section(title: str) -> str:
