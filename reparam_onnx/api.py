@@ -40,7 +40,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
                      builtin_rules: bool = True, seed: int = 0, rtol: Optional[float] = None,
                      atol: float = 0.0, inputs: Optional[Dict[str, np.ndarray]] = None,
                      initializers_as_constants: bool = False, write: bool = True,
-                     check_blocks: bool = True, allow_larger: bool = False) -> FuseResult:
+                     check_blocks: bool = True, allow_larger: bool = False,
+                     disable_rules: Iterable[str] = ()) -> FuseResult:
     """Fuse every exact, wanted block and say what happened.
 
     `model` is a path or an onnx.ModelProto; a ModelProto is never modified. `rules`
@@ -51,9 +52,10 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     With check_blocks=True (independent of `verify`) every block is first run alone against
     its fused conv, and left unfused when they differ. A block whose merged conv would have
     more weights (multiply-adds) than its branches stays unless allow_larger=True.
+    `disable_rules` names rules not to use (e.g. "generic": only the named families fuse).
     """
     try:
-        rulebook = load_rules(rules, builtin=builtin_rules)
+        rulebook = load_rules(rules, builtin=builtin_rules, disabled=disable_rules)
     except RuleError as exc:
         raise InputError(str(exc)) from None
     original, folder, data_files = io.load(model)
@@ -142,11 +144,13 @@ def _fused_convs(fused: onnx.ModelProto, fused_blocks: Sequence[BlockReport]) ->
 def fuse(model: ModelLike, *, verify: bool = True, rules: Iterable[str] = (), builtin_rules: bool = True,
          seed: int = 0, rtol: Optional[float] = None, atol: float = 0.0,
          inputs: Optional[Dict[str, np.ndarray]] = None, initializers_as_constants: bool = False,
-         write: bool = True, check_blocks: bool = True, allow_larger: bool = False) -> onnx.ModelProto:
+         write: bool = True, check_blocks: bool = True, allow_larger: bool = False,
+         disable_rules: Iterable[str] = ()) -> onnx.ModelProto:
     """The fused model; see fuse_with_report for the options (the same, spelled out for type checkers)."""
     return fuse_with_report(model, verify=verify, rules=rules, builtin_rules=builtin_rules, seed=seed, rtol=rtol,
                             atol=atol, inputs=inputs, initializers_as_constants=initializers_as_constants,
-                            write=write, check_blocks=check_blocks, allow_larger=allow_larger).model
+                            write=write, check_blocks=check_blocks, allow_larger=allow_larger,
+                            disable_rules=disable_rules).model
 
 
 def _failure(v: Verification) -> str:

@@ -18,7 +18,8 @@ import onnx
 
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout, top_terms
+from .linear import (COSTLY, Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops, choose_source, cut,
+                     evaluate_block, inverse, source_layout, top_terms)
 from .report import BlockReport
 from .risk import numeric_risk
 from .rulebook import Rule, block_shape, first_accepting
@@ -37,6 +38,7 @@ class Decision:
     value: Optional[ConvMap] = None  # the fused conv, when fused
     dtype: Optional[type] = None
     ctx: Optional[Context] = None
+    exact: bool = False              # the block evaluates to one conv (it may still be unwanted: rule, cost)
 
 
 def op_counts(graph: onnx.GraphProto) -> Dict[str, int]:
@@ -90,7 +92,7 @@ class Fuser:
                 continue
             out.append(decision)
             nodes = block_nodes(decision.expr, decision.report.input) if decision.report.fused \
-                else _top_nodes(decision.expr)
+                else _top_nodes(decision.expr, whole_bag=decision.exact)
             claimed.update(id(n) for n in nodes)
         return out
 
@@ -102,20 +104,38 @@ class Fuser:
         if decision.report.fused or top_terms(expr)[1]:
             return decision
         # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
-        # conv, say); when that fails, the plain Conv→BN from the outermost conv's input decides.
+        # conv, or compose two convs); when that fails, the chain from the outermost conv's input.
         conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
-        if conv is None or conv.input.tensor == source:
-            return decision
-        return self.decide(cut(expr, conv.input.tensor)) or decision
+        shorter = None if conv is None or conv.input.tensor == source else self.decide(cut(expr, conv.input.tensor))
+        if shorter is not None:
+            return shorter if shorter.report.fused or self._worth_reporting(expr, decision) else decision
+        return decision if self._worth_reporting(expr, decision) else None
+
+    @staticmethod
+    def _worth_reporting(expr: Expr, decision: Decision) -> bool:
+        """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv):
+        convs in sequence that would cost more merged, or do not merge, are just a network."""
+        if decision.report.fused:
+            return True
+        if decision.exact and decision.report.reason and decision.report.reason.startswith(COSTLY):
+            return False
+        return any(isinstance(op, Affine) for op in chain_ops(expr))
 
     def _decide_from(self, expr: Expr, source: str) -> Decision:
         ctx, problem = self.context(expr, source)
         value, reason = None, problem or self.exclusivity(expr, source)
+        costly = False
         if reason is None:
             try:
-                value = evaluate(expr, ctx)
+                value = evaluate_block(expr, ctx)
+            except TooCostly as exc:
+                reason, costly = str(exc), True
             except NotExact as exc:
                 reason = str(exc)
+        if costly:
+            decision = self._decision(expr, source, None, reason, block_shape(expr, ctx))
+            decision.exact = True
+            return decision
         if reason is None:
             shape = block_shape(expr, ctx)
             rule = first_accepting(self.rules, shape)
@@ -125,7 +145,9 @@ class Fuser:
                     decision = self.decide(inner)
                     if decision is not None and decision.report.fused:
                         return decision
-                return self._decision(expr, source, None, f"no enabled rule accepts {shape.describe()}", shape)
+                decision = self._decision(expr, source, None, f"no enabled rule accepts {shape.describe()}", shape)
+                decision.exact = True
+                return decision
             decision = self._decision(expr, source, rule.name, None, shape, value)
             decision.ctx = ctx
             return self._check_dtype(decision)
@@ -362,10 +384,13 @@ def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[st
     return runs
 
 
-def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
+def _top_nodes(expr: Expr, whole_bag: bool = False) -> List[onnx.NodeProto]:
     """The nodes of a block left unfused that no other candidate should start from: its
-    post-ops and its top sum. Nested sums and branches stay free: a nested sum can be a
-    block of its own (RepGhost's inside a residual Add), a branch a Conv→BN chain."""
+    post-ops and its top sum. Nested sums stay free when the block is not exact: a nested sum
+    can be a block of its own (RepGhost's inside a residual Add over another input). When the
+    block is exact but unwanted (no rule, too costly), every sum of its bag is taken: fusing a
+    part of it would leave a model that is neither the training form nor the deploy form.
+    Branches stay free either way: a branch is a Conv→BN chain of its own."""
     out = []
     e = expr
     while isinstance(e, Affine):
@@ -373,6 +398,8 @@ def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
         e = e.input
     if isinstance(e, Sum):
         out.extend(e.nodes)
+        if whole_bag:
+            out.extend(n for s in bag_sums(e) for n in s.nodes)
     return out
 
 

@@ -82,6 +82,21 @@ class Conv(Expr):
 
 
 @dataclass
+class AvgPool(Expr):
+    """AveragePool: a depthwise conv with taps 1/∏k once the channel count is known."""
+    input: Expr = None
+    attrs: dict = field(default_factory=dict)
+    problem: Optional[str] = None
+
+    @property
+    def kernel(self) -> tuple:
+        return tuple(int(k) for k in self.attrs.get("kernel_shape", ()))
+
+    def children(self):
+        return [self.input]
+
+
+@dataclass
 class Transpose(Expr):
     """A layout change: output axis i is input axis perm[i]."""
     input: Expr = None
@@ -93,9 +108,10 @@ class Transpose(Expr):
 
 @dataclass
 class Pad(Expr):
-    """Zero padding: pads[i] = (begin, end) for every axis of the tensor as it is laid out."""
+    """Constant padding: pads[i] = (begin, end) for every axis of the tensor as it is laid out."""
     input: Expr = None
     pads: tuple = ()
+    value: float = 0.0
     problem: Optional[str] = None
 
     def children(self):
@@ -312,7 +328,7 @@ def _transpose(w: Walker, node, tensor, depth):
 
 
 def _pad(w: Walker, node, tensor, depth):
-    """Pad with zeros (mode constant, value 0); other modes are not a conv's zero padding."""
+    """Pad with a constant (mode constant); other modes are not a conv's padding."""
     attrs = attributes(node)
     mode = attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
@@ -327,8 +343,8 @@ def _pad(w: Walker, node, tensor, depth):
         problem = f"Pad '{node.name}' uses mode {mode}, not zero padding"
     elif pads is None or value is None or (len(node.input) > 3 and node.input[3] and axes is None):
         problem = f"Pad '{node.name}' has non-constant pads"
-    elif np.any(np.asarray(value) != 0):
-        problem = f"Pad '{node.name}' pads with {float(np.asarray(value).reshape(-1)[0])}, not zero"
+    elif np.asarray(value).size != 1 or not np.isfinite(np.asarray(value, np.float64)).all():
+        problem = f"Pad '{node.name}' has a padding value that is not one finite number"
     per_axis = ()
     if problem is None:
         pads = [int(p) for p in np.asarray(pads).reshape(-1)]
@@ -339,7 +355,22 @@ def _pad(w: Walker, node, tensor, depth):
         per_axis = tuple(full.get(a, (0, 0)) for a in range(rank))
         if any(p < 0 for pair in per_axis for p in pair):
             problem = f"Pad '{node.name}' crops (negative pads)"
-    return Pad(tensor, [node], input=w.input(node.input[0], depth), pads=per_axis, problem=problem)
+    fill = float(np.asarray(value, np.float64).reshape(-1)[0]) if problem is None else 0.0
+    return Pad(tensor, [node], input=w.input(node.input[0], depth), pads=per_axis, value=fill, problem=problem)
+
+
+def _average_pool(w: Walker, node, tensor, depth):
+    """AveragePool counting its padding (or with none) is a depthwise conv; ceil_mode can add a
+    partial window that divides by fewer taps."""
+    attrs = attributes(node)
+    problem = None
+    if attrs.get("ceil_mode", 0):
+        problem = f"AveragePool '{node.name}' uses ceil_mode=1 (a partial last window is not a convolution)"
+    elif not attrs.get("kernel_shape"):
+        problem = f"AveragePool '{node.name}' has no kernel_shape"
+    if sum(1 for o in node.output if o) > 1:
+        return None
+    return AvgPool(tensor, [node], input=w.input(node.input[0], depth), attrs=attrs, problem=problem)
 
 
 def _cast(w: Walker, node, tensor, depth):
@@ -364,7 +395,8 @@ HANDLERS: Dict[str, Handler] = {
     "Neg": _neg,
     "Sum": _sum,
     "Conv": _conv,
+    "AveragePool": _average_pool,
 }
 
 # Ops that can end a block: the walk starts from their outputs.
-ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity"})
+ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv"})
