@@ -181,8 +181,8 @@ def chain_ops(expr: Expr) -> List[Expr]:
     is a block when it has two such ops, one a Conv (Conv→BN, BN→Conv, Conv→Conv, AvgPool→Conv)."""
     ops, e = [], expr
     while isinstance(e, (Affine, Transpose, Pad, Conv, AvgPool)):   # not through a Shared tensor: one path
-        if isinstance(e, (Conv, AvgPool)) or isinstance(e, Affine) and e.kind != "noop":
-            ops.append(e)
+        if isinstance(e, (Conv, AvgPool)) or isinstance(e, Affine) and e.kind not in ("noop", "bias"):
+            ops.append(e)   # a Gemm's bias is part of its linear op, not one of its own
         e = e.input
     if not any(isinstance(op, Conv) for op in ops):
         return []

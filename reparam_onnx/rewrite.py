@@ -101,8 +101,11 @@ class Fuser:
         if source is None:
             return None
         decision = self._decide_from(expr, source)
-        if decision.report.fused or top_terms(expr)[1]:
+        if top_terms(expr)[1]:
             return decision
+        if decision.report.fused:
+            # a chain is rewritten only into fewer nodes (MatMul→Add is already its own deploy form)
+            return decision if _emitted(decision) < len(block_nodes(expr, source)) else None
         # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
         # conv, or compose two convs); when that fails, the chain from the outermost conv's input.
         conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
@@ -332,6 +335,8 @@ class Fuser:
         g = value.geometry
         source, output = d.report.input, d.expr.tensor
         canonical = tuple(range(g.rank + 2))
+        if _as_linear(d):
+            return _build_linear(d, node_name, w_name, b_name, names)
         nodes = []
         if d.ctx.layout != canonical:   # the block input is not (N, C, ...): lay it out for the conv
             to_canonical = unique_name(f"{base}/reparam.input", names)
@@ -347,6 +352,40 @@ class Fuser:
             nodes.append(onnx.helper.make_node("Transpose", [conv_out], [output], name=unique_name(f"{base}/reparam.transpose", names),
                                                perm=list(value.layout)))
         return nodes, {w_name: value.kernel.astype(dtype, copy=False), b_name: value.bias.astype(dtype, copy=False)}
+
+
+def _emitted(d: Decision) -> int:
+    """How many nodes _build_conv writes for a block."""
+    if _as_linear(d):
+        return 1 if d.value.geometry.rank == 0 else 2
+    canonical = tuple(range(d.value.geometry.rank + 2))
+    return 1 + (d.ctx.layout != canonical) + (d.value.layout != canonical)
+
+
+def _as_linear(d: Decision) -> bool:
+    """A block of Gemm/MatMul stays one: a pointwise, ungrouped map with channels last at both
+    ends (rank 2: always) is written as Gemm (rank 2) or MatMul + Add, not a Conv."""
+    value, rank = d.value, d.value.geometry.rank
+    last = (0,) + tuple(range(2, rank + 2)) + (1,) if rank else (0, 1)
+    g = value.geometry
+    pointwise = all(k == 1 for k in g.kernel) and all(s == 1 for s in g.strides) and g.unpadded
+    linear = any(isinstance(e, Conv) and e.linear for e in block_exprs(d.expr, d.report.input))
+    return linear and pointwise and value.group == 1 and d.ctx.layout == last and value.layout == last
+
+
+def _build_linear(d: Decision, node_name: str, w_name: str, b_name: str, names: Set[str]):
+    """Gemm(x, W[O, C], b, transB=1) for a rank-2 input, else MatMul(x, Wᵀ[C, O]) + b."""
+    value, dtype = d.value, d.dtype
+    kernel = value.kernel.reshape(value.kernel.shape[:2]).astype(dtype, copy=False)
+    bias = value.bias.astype(dtype, copy=False)
+    source, output = d.report.input, d.expr.tensor
+    if value.geometry.rank == 0:
+        node = onnx.helper.make_node("Gemm", [source, w_name, b_name], [output], name=node_name, transB=1)
+        return [node], {w_name: kernel, b_name: bias}
+    product = unique_name(f"{node_name}.matmul", names)
+    nodes = [onnx.helper.make_node("MatMul", [source, w_name], [product], name=node_name),
+             onnx.helper.make_node("Add", [product, b_name], [output], name=unique_name(f"{node_name}.bias", names))]
+    return nodes, {w_name: np.ascontiguousarray(kernel.T), b_name: bias}
 
 
 def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:

