@@ -28,6 +28,7 @@ from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block
 from .verify import check_block, random_array
 
 MAX_PASSES = 8
+RULE_KEY = "reparam_onnx.rule"   # metadata_props entry of every node a fusion writes: the rule's name
 MAX_CHANNELS = 1 << 20
 
 
@@ -282,6 +283,9 @@ class Fuser:
             nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
             root = self.index.producer[d.expr.tensor]
             new_nodes, params = self._build_conv(d, root, names)
+            for node in new_nodes:   # provenance: which rule made the node
+                entry = node.metadata_props.add()
+                entry.key, entry.value = RULE_KEY, d.report.rule or ""
             if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, params):
                 continue
             applied.append((d, new_nodes))

@@ -68,6 +68,8 @@ def test_positive_case(rule):
     model, out = _block(rule)
     result = fuse_and_check(model, {"Conv": 1, "Add": 0, "BatchNormalization": 0})
     assert [b.rule for b in result.report.fused if b.output == out] == [rule]
+    (conv,) = [n for n in result.model.graph.node if n.op_type == "Conv"]   # provenance on the node
+    assert [(p.key, p.value) for p in conv.metadata_props] == [("reparam_onnx.rule", rule)]
 
 
 @pytest.mark.parametrize("rule", RULE_NAMES)
