@@ -41,6 +41,11 @@ class ConvGeometry:
     def unpadded(self) -> bool:
         return not any(self.pads_begin) and not any(self.pads_end)
 
+    @property
+    def is_pointwise(self) -> bool:
+        """1×…×1, stride 1, unpadded: the output at a position is a map of the input there."""
+        return all(k == 1 for k in self.kernel) and all(s == 1 for s in self.strides) and self.unpadded
+
     @staticmethod
     def pointwise(rank: int) -> "ConvGeometry":
         """The geometry of a 1×…×1, stride-1, unpadded conv (the identity branch)."""
@@ -186,8 +191,7 @@ def compose(inner: ConvGeometry, outer: ConvGeometry) -> Composition:
     checks that against the padding value). Output lengths agree for every input length:
     ⌊(⌊X/s_i⌋ + 1 − e_o)/s_o⌋ = ⌊(X + s_i(1 − e_o))/(s_i·s_o)⌋.
     """
-    pointwise = all(k == 1 for k in inner.kernel) and all(s == 1 for s in inner.strides) and inner.unpadded
-    if not outer.unpadded and not pointwise:
+    if not outer.unpadded and not inner.is_pointwise:
         raise GeometryError("a padded conv after a conv that is not 1×1, stride 1 and unpadded is not exact at the borders")
     kernel, strides, begin, end, dilations, steps, factors = [], [], [], [], [], [], []
     for axis in range(inner.rank):

@@ -22,7 +22,7 @@ import numpy as np
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
 from .geometry import compose as compose_geometry
-from .terms import Affine, AvgPool, Conv, Expr, Leaf, Pad, Shared, Sum, Transpose, block_exprs
+from .terms import Affine, AvgPool, Conv, Expr, Leaf, Pad, Regroup, Shared, Sum, Transpose, block_exprs
 
 
 MAX_MERGED_WEIGHTS = 1 << 26   # a merged kernel is never larger than this, even when asked
@@ -41,6 +41,7 @@ class Diag:
     layout: tuple = ()
     pads: Optional[Tuple[tuple, tuple]] = None     # (begin per spatial axis, end per spatial axis)
     border: Optional[np.ndarray] = None            # the value of every padded position, per channel
+    regroup: Optional[Regroup] = None              # the last Flatten/Reshape it went through (channels last)
 
     def at_zero(self) -> Optional[np.ndarray]:
         """What the map gives a zero input, per channel: the value a padded input position takes
@@ -58,6 +59,7 @@ class ConvMap:
     layout: tuple = ()
     pads: Optional[Tuple[tuple, tuple]] = None
     border: Optional[np.ndarray] = None
+    regroup: Optional[Regroup] = None
 
     @property
     def out_channels(self) -> int:
@@ -66,9 +68,7 @@ class ConvMap:
     def at_zero(self) -> Optional[np.ndarray]:
         """The value at a position padded before the conv: its bias for a 1×1, stride-1, unpadded
         conv; for any other, positions near the padding mix in real inputs (None)."""
-        g = self.geometry
-        pointwise = all(k == 1 for k in g.kernel) and all(s == 1 for s in g.strides) and g.unpadded
-        return self.bias if pointwise else None
+        return self.bias if self.geometry.is_pointwise else None
 
 
 class TooCostly(NotExact):
@@ -180,7 +180,7 @@ def chain_ops(expr: Expr) -> List[Expr]:
     output first, down to where it stops having one path; empty when none is a Conv. A chain
     is a block when it has two such ops, one a Conv (Conv→BN, BN→Conv, Conv→Conv, AvgPool→Conv)."""
     ops, e = [], expr
-    while isinstance(e, (Affine, Transpose, Pad, Conv, AvgPool)):   # not through a Shared tensor: one path
+    while isinstance(e, (Affine, Transpose, Pad, Conv, AvgPool, Regroup)):   # not through a Shared tensor: one path
         if isinstance(e, (Conv, AvgPool)) or isinstance(e, Affine) and e.kind not in ("noop", "bias"):
             ops.append(e)   # a Gemm's bias is part of its linear op, not one of its own
         e = e.input
@@ -215,8 +215,11 @@ def evaluate(expr: Expr, ctx: Context):
         return evaluate(expr.input, ctx)   # whether its other consumers are inside the block is checked apart
     if isinstance(expr, Leaf):
         raise NotExact(f"a branch does not reach the block input: {expr.reason}")
+    if isinstance(expr, Regroup):
+        return _evaluate_regroup(expr, ctx)
     if isinstance(expr, Transpose):
         inner = evaluate(expr.input, ctx)
+        _not_regrouped(inner, expr)
         if len(expr.perm) != len(inner.layout):
             raise NotExact("a Transpose changes the tensor's rank")
         return replace(inner, layout=compose(inner.layout, expr.perm))
@@ -244,11 +247,12 @@ def _evaluate_affine(expr: Affine, ctx: Context):
     if expr.kind == "noop":
         return inner
     channels = _channels(inner, ctx)
-    if expr.on_channels and inner.layout.index(1) != 1:
+    # where the channels are: the layout's axis for C, or the last axis of a regrouped tensor
+    axis, rank = (inner.regroup.rank - 1, inner.regroup.rank - 2) if inner.regroup else (inner.layout.index(1), ctx.rank)
+    if expr.on_channels and axis != 1:
         raise NotExact("a BatchNormalization normalizes axis 1, which is not the channel axis here")
-    axis = inner.layout.index(1)
-    scale = np.ones(channels) if expr.scale is None else per_channel(expr.scale, ctx.rank, channels, expr.on_channels, axis)
-    shift = np.zeros(channels) if expr.shift is None else per_channel(expr.shift, ctx.rank, channels, expr.on_channels, axis)
+    scale = np.ones(channels) if expr.scale is None else per_channel(expr.scale, rank, channels, expr.on_channels, axis)
+    shift = np.zeros(channels) if expr.shift is None else per_channel(expr.shift, rank, channels, expr.on_channels, axis)
     border = None if inner.pads is None else inner.border * scale + shift
     if isinstance(inner, Diag):
         return Diag(inner.scale * scale, inner.shift * scale + shift, inner.layout, inner.pads, border)
@@ -257,10 +261,54 @@ def _evaluate_affine(expr: Affine, ctx: Context):
     return replace(inner, kernel=kernel, bias=bias, border=border)
 
 
+def _evaluate_regroup(expr: Regroup, ctx: Context):
+    """A Flatten/Reshape keeping the last axis whole, after a map of the channels that does not
+    look at positions (per-channel affine, 1×1 stride-1 unpadded conv) with the channels last:
+    the map commutes with it. The output shape is proven once, for the whole block (evaluate_block)."""
+    inner = evaluate(expr.input, ctx)
+    name = _name(expr)
+    if inner.pads is not None or isinstance(inner, ConvMap) and not inner.geometry.is_pointwise:
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' regroups positions after a map that mixes them")
+    if inner.regroup is None and inner.layout.index(1) != len(inner.layout) - 1:
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' does not keep the channels on the last axis")
+    channels = _channels(inner, ctx)
+    last = expr.target[-1] if expr.target else expr.like_dims[-1] if expr.like_dims else channels
+    if last != channels or expr.target is not None and expr.target.count(-1) > 1:
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' does not keep the {channels} channels as its last axis")
+    return replace(inner, regroup=expr)
+
+
+def _not_regrouped(inner, expr: Expr) -> None:
+    if inner.regroup is not None:
+        raise NotExact(f"{expr.nodes[0].op_type if expr.nodes else 'an op'} '{_name(expr)}' after a Flatten/Reshape "
+                       f"(only per-channel ops pass through one)")
+
+
+def output_shape_kept(value, ctx: Context, dims: Optional[Sequence[Optional[int]]]) -> Optional[str]:
+    """None when a regrouped block's output has the shape its input has with C_out channels
+    (what one Linear writes); otherwise why that is not proven. `dims`: the input's, as guaranteed."""
+    regroup = value.regroup
+    if regroup is None:
+        return None
+    expected = None if dims is None else tuple(dims[:-1]) + (_channels(value, ctx),)
+    if regroup.like is not None:
+        if regroup.like_before:
+            return None   # the Shape of a tensor of this chain before any regrouping: the output's own
+    elif regroup.target is not None and expected is not None and len(regroup.target) == len(expected):
+        inferred = [i for i, d in enumerate(regroup.target) if d == -1]
+        if all(d == e for d, e in zip(regroup.target, expected) if d != -1) and \
+                all(e is not None for i, e in enumerate(expected) if i not in inferred):
+            return None   # every dim given and equal, the one -1 takes what is left: the input's dim
+    elif regroup.target is None and expected is not None and len(expected) == 2:
+        return None       # Flatten of [N, C]: nothing moves
+    return f"{regroup.nodes[0].op_type} '{_name(regroup)}' is not proven to restore the block input's shape"
+
+
 def _evaluate_pad(expr: Pad, ctx: Context):
     if expr.problem:
         raise NotExact(expr.problem)
     inner = evaluate(expr.input, ctx)
+    _not_regrouped(inner, expr)
     if len(expr.pads) != len(inner.layout):
         raise NotExact("a Pad of a different rank")
     # actual axis i is canonical axis layout[i]
@@ -333,6 +381,7 @@ def _apply_conv(expr: Expr, weight: np.ndarray, bias: Optional[np.ndarray], attr
     (zeros) move before `inner`'s map, where a padded position is zero and the map gives it at_zero():
     exact when that is the padding value (the border for a Pad, zero for the conv's own)."""
     name = _name(expr)
+    _not_regrouped(inner, expr)
     if weight.ndim - 2 != ctx.rank:
         raise NotExact(f"{expr.nodes[0].op_type} '{name}' has a different spatial rank than the block")
     if inner.layout != ctx.canonical:
@@ -437,6 +486,9 @@ def _evaluate_sum(expr: Sum, ctx: Context):
 
 def _sum_terms(values, ctx: Context):
     """Σ sign·value: Diags add up; with a conv, every term becomes a kernel placed in one."""
+    for _, v in values:
+        if v.regroup is not None:
+            raise NotExact("a Flatten/Reshape inside a branch of a sum")
     layouts = {v.layout for _, v in values}
     if len(layouts) != 1:
         raise NotExact("the branches are summed in different layouts")

@@ -19,12 +19,12 @@ import onnx
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
 from .linear import (COSTLY, Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops, choose_source, cut,
-                     evaluate_block, inverse, source_layout, top_terms)
+                     evaluate_block, inverse, output_shape_kept, source_layout, top_terms)
 from .report import BlockReport
 from .risk import numeric_risk
 from .rulebook import Rule, block_shape, first_accepting
 from .shapes import static_shapes
-from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block_nodes
+from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Regroup, Shared, Sum, Walker, block_exprs, block_nodes
 from .verify import check_block, random_array
 
 MAX_PASSES = 8
@@ -101,6 +101,12 @@ class Fuser:
         source = choose_source(expr)
         if source is None:
             return None
+        # a Flatten/Reshape of the input itself is not part of the block: its output is the input
+        # (the dynamo exporter writes GlobalAveragePool → Flatten as ReduceMean → Reshape)
+        regroup = next((e for e in block_exprs(expr, source) if isinstance(e, Regroup) and
+                        isinstance(e.input, (Leaf, Shared)) and e.input.tensor == source), None)
+        if regroup is not None:
+            return self.decide(cut(expr, regroup.tensor))
         decision = self._decide_from(expr, source)
         if top_terms(expr)[1]:
             return decision
@@ -136,6 +142,10 @@ class Fuser:
                 reason, costly = str(exc), True
             except NotExact as exc:
                 reason = str(exc)
+        if value is not None and value.regroup is not None:   # a Flatten/Reshape inside: one Linear, same shape
+            reason = output_shape_kept(value, ctx, self.shapes.get(source, (None, None))[0])
+            if reason is None and not as_linear(value, ctx, expr):
+                reason = "a Flatten/Reshape inside a block that is not one Gemm or MatMul"
         if costly:
             decision = self._decision(expr, source, None, reason, block_shape(expr, ctx))
             decision.exact = True
@@ -286,7 +296,7 @@ class Fuser:
             for node in new_nodes:   # provenance: which rule made the node
                 entry = node.metadata_props.add()
                 entry.key, entry.value = RULE_KEY, d.report.rule or ""
-            if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, params):
+            if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, params, order):
                 continue
             applied.append((d, new_nodes))
             for name, array in params.items():
@@ -303,10 +313,21 @@ class Fuser:
         _remove_dead(graph, kept, read_before, self.index.initializers_are_constant)
         return applied
 
-    def _check_alone(self, d: Decision, nodes, new_nodes, new_params) -> bool:
-        """Run the block and its replacement alone on random inputs; unfuse the block when they differ."""
+    def _check_alone(self, d: Decision, nodes, new_nodes, new_params, order) -> bool:
+        """Run the block and its replacement alone on random inputs; unfuse the block when they differ.
+        A parameter computed from the shape of a tensor of the block (Reshape to Shape(t)) is
+        computed in the check too: its nodes run with the block's."""
         source, output = d.report.input, d.expr.tensor
         produced = {o for n in nodes for o in n.output}
+        params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
+        dying = None
+        for name in sorted(params):
+            if self.index.try_value(name) is None and name in self.index.producer:
+                dying = self._parameter_nodes(nodes, source) if dying is None else dying
+                node = self.index.producer[name]
+                if id(node) in dying and all(i in produced or self.index.try_value(i) is not None for i in node.input if i):
+                    nodes = sorted(list(nodes) + [node], key=lambda n: order[id(n)])
+                    produced.update(node.output)
         params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
         try:
             values = {name: np.asarray(self.index.value(name)) for name in params}
@@ -367,14 +388,16 @@ def _emitted(d: Decision) -> int:
 
 
 def _as_linear(d: Decision) -> bool:
+    return as_linear(d.value, d.ctx, d.expr)
+
+
+def as_linear(value: ConvMap, ctx: Context, expr: Expr) -> bool:
     """A block of Gemm/MatMul stays one: a pointwise, ungrouped map with channels last at both
     ends (rank 2: always) is written as Gemm (rank 2) or MatMul + Add, not a Conv."""
-    value, rank = d.value, d.value.geometry.rank
+    rank = value.geometry.rank
     last = (0,) + tuple(range(2, rank + 2)) + (1,) if rank else (0, 1)
-    g = value.geometry
-    pointwise = all(k == 1 for k in g.kernel) and all(s == 1 for s in g.strides) and g.unpadded
-    linear = any(isinstance(e, Conv) and e.linear for e in block_exprs(d.expr, d.report.input))
-    return linear and pointwise and value.group == 1 and d.ctx.layout == last and value.layout == last
+    linear = any(isinstance(e, Conv) and e.linear for e in block_exprs(expr, ctx.source))
+    return linear and value.geometry.is_pointwise and value.group == 1 and ctx.layout == last and value.layout == last
 
 
 def _build_linear(d: Decision, node_name: str, w_name: str, b_name: str, names: Set[str]):

@@ -98,6 +98,24 @@ class AvgPool(Expr):
 
 
 @dataclass
+class Regroup(Expr):
+    """Flatten or Reshape keeping the last axis whole: positions are regrouped, none is mixed, so a
+    map of the channels (on the last axis) passes through it. The output shape is `target` (a
+    Reshape's constant shape, -1 inferred), or that of tensor `like` (Reshape to Shape(like),
+    `like_dims` its dims, `like_before` whether it lies below on this chain, before any regroup),
+    or [·, C] (Flatten at the last axis)."""
+    input: Expr = None
+    rank: int = 2                                 # of the output
+    target: Optional[tuple] = None
+    like: Optional[str] = None
+    like_dims: Optional[tuple] = None
+    like_before: bool = False
+
+    def children(self):
+        return [self.input]
+
+
+@dataclass
 class Transpose(Expr):
     """A layout change: output axis i is input axis perm[i]."""
     input: Expr = None
@@ -373,6 +391,54 @@ def _linear_weight(w: Walker, node):
     return weight, None
 
 
+def _flatten(w: Walker, node, tensor, depth):
+    """Flatten at the last axis ([…, C] → [∏…, C]) regroups positions; at another axis it mixes channels."""
+    dims = w.index.shapes.get(node.input[0], (None, None))[0]
+    if dims is None:
+        return None
+    axis = int(attributes(node).get("axis", 1))
+    axis = axis + len(dims) if axis < 0 else axis
+    if axis != len(dims) - 1:
+        return None
+    return Regroup(tensor, [node], input=w.input(node.input[0], depth), rank=2)
+
+
+def _reshape(w: Walker, node, tensor, depth):
+    """Reshape to a constant shape, or to the Shape of a tensor (a Shape node with no start/end)."""
+    shape = w.const(node.input[1])
+    x = w.input(node.input[0], depth)
+    if shape is not None:
+        target = tuple(int(d) for d in np.asarray(shape).reshape(-1))
+        if 0 in target:   # 0 copies an input dim (or is a zero dim with allowzero): not a regrouping to prove
+            return None
+        return Regroup(tensor, [node], input=x, rank=len(target), target=target)
+    producer = w.index.producer.get(node.input[1])
+    if producer is None or producer.op_type != "Shape" or attributes(producer).get("start", 0) != 0 \
+            or "end" in attributes(producer):
+        return None
+    like = producer.input[0]
+    dims = w.index.shapes.get(like, (None, None))[0]
+    if dims is None:
+        return None
+    return Regroup(tensor, [node], input=x, rank=len(dims), like=like, like_dims=tuple(dims),
+                   like_before=_before_any_regroup(x, like))
+
+
+def _before_any_regroup(expr: Expr, tensor: str) -> bool:
+    """`tensor` is computed on this chain below `expr` by per-channel ops and regroupings only,
+    and below it the chain down to where it stops has no regrouping."""
+    e, found = expr, False
+    while isinstance(e, (Affine, Regroup, Conv, Transpose)):
+        if e.tensor == tensor:
+            found = True
+        elif not found and isinstance(e, (Conv, Transpose)):
+            return False   # channels may change between: the shape would not be the output's
+        elif found and isinstance(e, Regroup):
+            return False
+        e = e.input
+    return found or e.tensor == tensor
+
+
 def _transpose(w: Walker, node, tensor, depth):
     perm = attributes(node).get("perm")
     if perm is None:
@@ -456,7 +522,10 @@ HANDLERS: Dict[str, Handler] = {
     "AveragePool": _average_pool,
     "Gemm": _gemm,
     "MatMul": _matmul,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
 }
 
 # Ops that can end a block: the walk starts from their outputs.
-ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv", "Gemm", "MatMul"})
+ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv", "Gemm", "MatMul", "Flatten",
+                      "Reshape"})

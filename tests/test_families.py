@@ -21,7 +21,6 @@ CASES = [(family, variant) for family, info in MANIFEST["families"].items()
 NOT_YET = {
     "dbb": "BNAndPadLayer's border writes (Pad + ScatterND with Shape-derived index grids) are not read as padding",
     "dbb_s2": "BNAndPadLayer's border writes (Pad + ScatterND with Shape-derived index grids) are not read as padding",
-    "linear_bn": "Flatten/Reshape around a BatchNorm1d on [B·N, C] (LeViT) are not yet transparent to pointwise maps",
 }
 EXACT = [pytest.param(f, v, marks=pytest.mark.xfail(reason=NOT_YET[f], strict=True)) if f in NOT_YET else (f, v)
          for f, v in CASES if MANIFEST["families"][f]["exact"]]

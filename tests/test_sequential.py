@@ -236,3 +236,55 @@ def test_exact_but_costly_sum_is_not_half_fused():
     result = fuse_and_check(b.model(y))
     assert op_counts(result.model)["Add"] == 2 and op_counts(result.model)["Conv"] == 3
     assert any("merging would cost more" in (r.reason or "") for r in result.report.unfused)
+
+
+# ---------------------------------------------------------------- Flatten / Reshape around a Linear
+
+
+def _levit(b: Builder, x: str, n: int, c_in: int, c_out: int, final) -> str:
+    """LeViT's Linear_BN: MatMul on [B, N, C], BatchNorm1d on its [B·N, C] flattening, back."""
+    y = b.node("MatMul", [x, b.const(b.rng.normal(0, 0.5, (c_in, c_out)))])
+    flat = b.bn(b.node("Flatten", [y], axis=2), c_out)
+    if final == "shape":
+        return b.node("Reshape", [flat, b.node("Shape", [y])])
+    return b.node("Reshape", [flat, _int_const(b, final)])
+
+
+@pytest.mark.parametrize("final", ["shape", [-1, 9, 5], [2, 9, 5]])
+def test_linear_then_batchnorm_on_the_flattened_tokens(final):
+    b = Builder(seed=20)
+    x = b.input([2 if final == [2, 9, 5] else "B", 9, 6])
+    y = _levit(b, x, 9, 6, 5, final)
+    result = fuse_and_check(b.model(y), {"MatMul": 1, "Add": 1, "BatchNormalization": 0, "Flatten": 0,
+                                         "Reshape": 0, "Shape": 0})
+    assert result.report.fused[0].shape == "linear+bn"
+
+
+@pytest.mark.parametrize("final,reason", [
+    ([-1, 45], "not proven to restore the block input's shape"),     # stays flattened: not one Linear's output
+    ([-1, 3, 5], "not proven to restore the block input's shape"),   # N regrouped: 9 tokens become 3
+])
+def test_reshape_to_another_shape_stays(final, reason):
+    b = Builder(seed=21)
+    x = b.input(["B", 9, 6])
+    y = _levit(b, x, 9, 6, 5, final)
+    assert_untouched(b.model(y), reason)
+
+
+def test_reshape_that_splits_the_channels_stays():
+    b = Builder(seed=22)
+    x = b.input(["B", 9, 6])
+    y = b.node("MatMul", [x, b.const(b.rng.normal(0, 0.5, (6, 4)))])
+    y = b.node("Mul", [b.node("Reshape", [y, _int_const(b, [-1, 9, 2, 2])]), b.const(b.rng.uniform(0.5, 2, 2))])
+    assert_untouched(b.model(y), "does not keep the 4 channels as its last axis")
+
+
+def test_reshape_after_a_spatial_conv_stays():
+    """A 3×3 conv on channels last mixes positions: regrouping them after it is not a channel map."""
+    b = Builder(seed=23)
+    x = b.input([2, 4, 5, 5])
+    y = b.node("Transpose", [b.conv(x, 4, 4, (3, 3), pads=ONE)], perm=[0, 2, 3, 1])
+    y = b.node("Mul", [b.node("Reshape", [y, _int_const(b, [-1, 4])]), b.const(b.rng.uniform(0.5, 2, 4))])
+    result = fuse_with_report(b.model(y))
+    assert not result.report.fused
+    assert any("regroups positions after a map that mixes them" in (r.reason or "") for r in result.report.unfused)
