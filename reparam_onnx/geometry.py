@@ -12,7 +12,12 @@ from typing import Optional, Sequence
 
 
 class GeometryError(ValueError):
-    """The geometry cannot be expressed exactly (the message says why)."""
+    """The geometry cannot be expressed exactly (the message says why; `code` is "geometry", or
+    "border" when the padding is what fails)."""
+
+    def __init__(self, message: str, code: str = "geometry"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,8 @@ def compose(inner: ConvGeometry, outer: ConvGeometry) -> Composition:
     ⌊(⌊X/s_i⌋ + 1 − e_o)/s_o⌋ = ⌊(X + s_i(1 − e_o))/(s_i·s_o)⌋.
     """
     if not outer.unpadded and not inner.is_pointwise:
-        raise GeometryError("a padded conv after a conv that is not 1×1, stride 1 and unpadded is not exact at the borders")
+        raise GeometryError("a padded conv after a conv that is not 1×1, stride 1 and unpadded is not exact at the borders",
+                            code="border")
     kernel, strides, begin, end, dilations, steps, factors = [], [], [], [], [], [], []
     for axis in range(inner.rank):
         s_i, d_i, k_i = inner.strides[axis], inner.dilations[axis], inner.kernel[axis]

@@ -30,7 +30,17 @@ COSTLY = "merging would cost more"   # how a TooCostly reason begins
 
 
 class NotExact(Exception):
-    """The block cannot be rewritten as one conv exactly; the message says why."""
+    """The block cannot be rewritten as one conv exactly: the message says why, `code` which
+    condition failed (report.REASON_CODES), `nodes` the graph nodes it is about."""
+
+    def __init__(self, message: str, code: str = "geometry", nodes: Sequence[str] = ()):
+        super().__init__(message)
+        self.code = code
+        self.nodes = list(nodes)
+
+
+def _names(expr: Expr) -> List[str]:
+    return [n.name for n in expr.nodes if n.name]
 
 
 @dataclass
@@ -73,6 +83,9 @@ class ConvMap:
 
 class TooCostly(NotExact):
     """The block is exact, but its merged conv would cost more than what it replaces."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="cost")
 
 
 @dataclass
@@ -117,7 +130,7 @@ def source_layout(expr: Expr, source: str, rank: int) -> tuple:
             chain = identity
             for perm in reversed(perms):
                 if len(perm) != len(chain):
-                    raise NotExact("a Transpose changes the tensor's rank")
+                    raise NotExact("a Transpose changes the tensor's rank", code="layout")
                 chain = compose(chain, perm)
             return inverse(chain)
     return identity
@@ -197,13 +210,13 @@ def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool, 
     else:
         full = rank + 2
         if value.ndim > full:
-            raise NotExact(f"a constant of shape {list(value.shape)} changes the tensor's rank")
+            raise NotExact(f"a constant of shape {list(value.shape)} changes the tensor's rank", code="channels")
         shape = (1,) * (full - value.ndim) + value.shape
         if any(d != 1 for i, d in enumerate(shape) if i != axis):
-            raise NotExact(f"a constant of shape {list(value.shape)} is not per-channel on axis {axis}")
+            raise NotExact(f"a constant of shape {list(value.shape)} is not per-channel on axis {axis}", code="channels")
         flat = value.reshape(-1)
     if flat.size not in (1, channels):
-        raise NotExact(f"a per-channel constant has {flat.size} values for {channels} channels")
+        raise NotExact(f"a per-channel constant has {flat.size} values for {channels} channels", code="channels")
     return np.broadcast_to(flat, (channels,)).copy()
 
 
@@ -214,14 +227,14 @@ def evaluate(expr: Expr, ctx: Context):
     if isinstance(expr, Shared):
         return evaluate(expr.input, ctx)   # whether its other consumers are inside the block is checked apart
     if isinstance(expr, Leaf):
-        raise NotExact(f"a branch does not reach the block input: {expr.reason}")
+        raise NotExact(f"a branch does not reach the block input: {expr.reason}", code="not_linear")
     if isinstance(expr, Regroup):
         return _evaluate_regroup(expr, ctx)
     if isinstance(expr, Transpose):
         inner = evaluate(expr.input, ctx)
         _not_regrouped(inner, expr)
         if len(expr.perm) != len(inner.layout):
-            raise NotExact("a Transpose changes the tensor's rank")
+            raise NotExact("a Transpose changes the tensor's rank", code="layout", nodes=_names(expr))
         return replace(inner, layout=compose(inner.layout, expr.perm))
     if isinstance(expr, Pad):
         return _evaluate_pad(expr, ctx)
@@ -233,7 +246,7 @@ def evaluate(expr: Expr, ctx: Context):
         return _evaluate_pool(expr, ctx)
     if isinstance(expr, Sum):
         return _evaluate_sum(expr, ctx)
-    raise NotExact(f"unsupported term {type(expr).__name__}")
+    raise NotExact(f"unsupported term {type(expr).__name__}", code="not_linear")
 
 
 def _channels(value, ctx) -> int:
@@ -242,7 +255,7 @@ def _channels(value, ctx) -> int:
 
 def _evaluate_affine(expr: Affine, ctx: Context):
     if expr.problem:
-        raise NotExact(expr.problem)
+        raise NotExact(expr.problem, code="operand", nodes=_names(expr))
     inner = evaluate(expr.input, ctx)
     if expr.kind == "noop":
         return inner
@@ -250,7 +263,7 @@ def _evaluate_affine(expr: Affine, ctx: Context):
     # where the channels are: the layout's axis for C, or the last axis of a regrouped tensor
     axis, rank = (inner.regroup.rank - 1, inner.regroup.rank - 2) if inner.regroup else (inner.layout.index(1), ctx.rank)
     if expr.on_channels and axis != 1:
-        raise NotExact("a BatchNormalization normalizes axis 1, which is not the channel axis here")
+        raise NotExact("a BatchNormalization normalizes axis 1, which is not the channel axis here", code="layout", nodes=_names(expr))
     scale = np.ones(channels) if expr.scale is None else per_channel(expr.scale, rank, channels, expr.on_channels, axis)
     shift = np.zeros(channels) if expr.shift is None else per_channel(expr.shift, rank, channels, expr.on_channels, axis)
     border = None if inner.pads is None else inner.border * scale + shift
@@ -268,23 +281,23 @@ def _evaluate_regroup(expr: Regroup, ctx: Context):
     inner = evaluate(expr.input, ctx)
     name = _name(expr)
     if inner.pads is not None or isinstance(inner, ConvMap) and not inner.geometry.is_pointwise:
-        raise NotExact(f"{expr.nodes[0].op_type} '{name}' regroups positions after a map that mixes them")
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' regroups positions after a map that mixes them", code="layout", nodes=_names(expr))
     if inner.regroup is None and inner.layout.index(1) != len(inner.layout) - 1:
-        raise NotExact(f"{expr.nodes[0].op_type} '{name}' does not keep the channels on the last axis")
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' does not keep the channels on the last axis", code="layout", nodes=_names(expr))
     channels = _channels(inner, ctx)
     last = expr.target[-1] if expr.target else expr.like_dims[-1] if expr.like_dims else channels
     if last != channels or expr.target is not None and expr.target.count(-1) > 1:
-        raise NotExact(f"{expr.nodes[0].op_type} '{name}' does not keep the {channels} channels as its last axis")
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' does not keep the {channels} channels as its last axis", code="channels", nodes=_names(expr))
     return replace(inner, regroup=expr)
 
 
 def _not_regrouped(inner, expr: Expr) -> None:
     if inner.regroup is not None:
         raise NotExact(f"{expr.nodes[0].op_type if expr.nodes else 'an op'} '{_name(expr)}' after a Flatten/Reshape "
-                       f"(only per-channel ops pass through one)")
+                       f"(only per-channel ops pass through one)", code="layout", nodes=_names(expr))
 
 
-def output_shape_kept(value, ctx: Context, dims: Optional[Sequence[Optional[int]]]) -> Optional[str]:
+def output_shape_kept(value, ctx: Context, dims: Optional[Sequence[Optional[int]]]) -> Optional[NotExact]:
     """None when a regrouped block's output has the shape its input has with C_out channels
     (what one Linear writes); otherwise why that is not proven. `dims`: the input's, as guaranteed."""
     regroup = value.regroup
@@ -301,26 +314,27 @@ def output_shape_kept(value, ctx: Context, dims: Optional[Sequence[Optional[int]
             return None   # every dim given and equal, the one -1 takes what is left: the input's dim
     elif regroup.target is None and expected is not None and len(expected) == 2:
         return None       # Flatten of [N, C]: nothing moves
-    return f"{regroup.nodes[0].op_type} '{_name(regroup)}' is not proven to restore the block input's shape"
+    return NotExact(f"{regroup.nodes[0].op_type} '{_name(regroup)}' is not proven to restore the block input's shape",
+                    code="shape", nodes=_names(regroup))
 
 
 def _evaluate_pad(expr: Pad, ctx: Context):
     if expr.problem:
-        raise NotExact(expr.problem)
+        raise NotExact(expr.problem, code="operand", nodes=_names(expr))
     inner = evaluate(expr.input, ctx)
     _not_regrouped(inner, expr)
     if len(expr.pads) != len(inner.layout):
-        raise NotExact("a Pad of a different rank")
+        raise NotExact("a Pad of a different rank", code="layout", nodes=_names(expr))
     # actual axis i is canonical axis layout[i]
     canonical = {inner.layout[i]: pair for i, pair in enumerate(expr.pads)}
     if canonical.get(0, (0, 0)) != (0, 0) or canonical.get(1, (0, 0)) != (0, 0):
-        raise NotExact("a Pad on the batch or channel axis")
+        raise NotExact("a Pad on the batch or channel axis", code="layout", nodes=_names(expr))
     begin = tuple(canonical[a][0] for a in range(2, ctx.rank + 2))
     end = tuple(canonical[a][1] for a in range(2, ctx.rank + 2))
     border = np.full(_channels(inner, ctx), expr.value)
     if inner.pads is not None:
         if not _same_values(inner.border, border, ctx.eps):
-            raise NotExact(f"Pad '{_name(expr)}' pads with {expr.value:g} around a padding of other values")
+            raise NotExact(f"Pad '{_name(expr)}' pads with {expr.value:g} around a padding of other values", code="border", nodes=_names(expr))
         begin = tuple(a + b for a, b in zip(begin, inner.pads[0]))
         end = tuple(a + b for a, b in zip(end, inner.pads[1]))
     return replace(inner, pads=(begin, end), border=border)
@@ -339,7 +353,7 @@ def _same_values(a: np.ndarray, b: np.ndarray, eps: float) -> bool:
 
 def _evaluate_conv(expr: Conv, ctx: Context):
     if expr.problem:
-        raise NotExact(expr.problem)
+        raise NotExact(expr.problem, code="operand", nodes=_names(expr))
     weight = np.asarray(expr.weight)
     bias = None if expr.bias is None else np.asarray(expr.bias, np.float64).reshape(-1)
     return _apply_conv(expr, weight, bias, expr.attrs, expr.group, evaluate(expr.input, ctx), ctx)
@@ -348,7 +362,7 @@ def _evaluate_conv(expr: Conv, ctx: Context):
 def _evaluate_pool(expr: AvgPool, ctx: Context):
     """AveragePool: the depthwise conv average_kernel; its own padding must count in the average."""
     if expr.problem:
-        raise NotExact(expr.problem)
+        raise NotExact(expr.problem, code="operand", nodes=_names(expr))
     inner = evaluate(expr.input, ctx)
     channels = _channels(inner, ctx)
     weight = kernels.average_kernel(channels, expr.kernel)
@@ -357,10 +371,10 @@ def _evaluate_pool(expr: AvgPool, ctx: Context):
         try:
             own = conv_geometry(attrs, expr.kernel, _spatial(inner, ctx))
         except GeometryError as exc:
-            raise NotExact(f"AveragePool '{_name(expr)}': {exc}") from None
+            raise NotExact(f"AveragePool '{_name(expr)}': {exc}", code=exc.code, nodes=_names(expr)) from None
         if not own.unpadded:
             raise NotExact(f"AveragePool '{_name(expr)}' pads but leaves the padding out of its average "
-                           f"(count_include_pad=0): not a convolution at the borders")
+                           f"(count_include_pad=0): not a convolution at the borders", code="border", nodes=_names(expr))
     return _apply_conv(expr, weight, None, attrs, channels, inner, ctx)
 
 
@@ -383,27 +397,27 @@ def _apply_conv(expr: Expr, weight: np.ndarray, bias: Optional[np.ndarray], attr
     name = _name(expr)
     _not_regrouped(inner, expr)
     if weight.ndim - 2 != ctx.rank:
-        raise NotExact(f"{expr.nodes[0].op_type} '{name}' has a different spatial rank than the block")
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' has a different spatial rank than the block", code="geometry", nodes=_names(expr))
     if inner.layout != ctx.canonical:
-        raise NotExact(f"{expr.nodes[0].op_type} '{name}' reads its input in another layout than the block's other convs")
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' reads its input in another layout than the block's other convs", code="layout", nodes=_names(expr))
     channels = _channels(inner, ctx)
     if weight.shape[1] * group != channels or weight.shape[0] % group:
-        raise NotExact(f"Conv '{name}' weight {list(weight.shape)} with group {group} does not fit {channels} input channels")
+        raise NotExact(f"Conv '{name}' weight {list(weight.shape)} with group {group} does not fit {channels} input channels", code="channels", nodes=_names(expr))
     try:
         geometry = conv_geometry(attrs, weight.shape[2:], _spatial(inner, ctx))
     except GeometryError as exc:
-        raise NotExact(f"{expr.nodes[0].op_type} '{name}': {exc}") from None
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}': {exc}", code=exc.code, nodes=_names(expr)) from None
     bias = np.zeros(weight.shape[0]) if bias is None else bias
     if bias.shape != (weight.shape[0],):
-        raise NotExact(f"Conv '{name}' bias has {bias.size} values for {weight.shape[0]} channels")
+        raise NotExact(f"Conv '{name}' bias has {bias.size} values for {weight.shape[0]} channels", code="channels", nodes=_names(expr))
     at_zero = inner.at_zero()   # None: a conv that is not pointwise; geometry.compose says why it cannot
     if not geometry.unpadded and at_zero is not None and np.any(at_zero):
         what = "per-channel shift" if isinstance(inner, Diag) else "conv with a bias"
-        raise NotExact(f"a {what} before the padded {expr.nodes[0].op_type} '{name}' is not exact at the borders")
+        raise NotExact(f"a {what} before the padded {expr.nodes[0].op_type} '{name}' is not exact at the borders", code="border", nodes=_names(expr))
     if inner.pads is not None:
         if at_zero is not None and not _same_values(at_zero, inner.border, ctx.eps):
             raise NotExact(f"the padding before {expr.nodes[0].op_type} '{name}' is not the value its input has "
-                           f"at a padded position (zero padding after a bias is not exact at the borders)")
+                           f"at a padded position (zero padding after a bias is not exact at the borders)", code="border", nodes=_names(expr))
         # the Pad before the conv becomes the conv's own padding
         geometry = replace(geometry, pads_begin=tuple(a + b for a, b in zip(geometry.pads_begin, inner.pads[0])),
                            pads_end=tuple(a + b for a, b in zip(geometry.pads_end, inner.pads[1])))
@@ -426,7 +440,7 @@ def _compose(name: str, weight: np.ndarray, bias: np.ndarray, group: int, geomet
     try:
         composition = compose_geometry(inner.geometry, geometry)
     except GeometryError as exc:
-        raise NotExact(f"'{name}' after a conv: {exc}") from None
+        raise NotExact(f"'{name}' after a conv: {exc}", code=exc.code) from None
     size = composition.geometry.kernel
     merged_group = math.gcd(group, inner.group)
     merged = weight.shape[0] * (ctx.channels // merged_group) * math.prod(size)
@@ -488,26 +502,26 @@ def _sum_terms(values, ctx: Context):
     """Σ sign·value: Diags add up; with a conv, every term becomes a kernel placed in one."""
     for _, v in values:
         if v.regroup is not None:
-            raise NotExact("a Flatten/Reshape inside a branch of a sum")
+            raise NotExact("a Flatten/Reshape inside a branch of a sum", code="layout")
     layouts = {v.layout for _, v in values}
     if len(layouts) != 1:
-        raise NotExact("the branches are summed in different layouts")
+        raise NotExact("the branches are summed in different layouts", code="layout")
     layout = layouts.pop()
     if any(v.pads is not None for _, v in values):
-        raise NotExact("a padded branch is summed without a conv after it")
+        raise NotExact("a padded branch is summed without a conv after it", code="border")
     if all(isinstance(v, Diag) for _, v in values):
         return Diag(sum(s * v.scale for s, v in values), sum(s * v.shift for s, v in values), layout)
     convs = [v for _, v in values if isinstance(v, ConvMap)]
     out_channels = {c.out_channels for c in convs}
     if len(out_channels) != 1:
-        raise NotExact(f"branches have different output channels {sorted(out_channels)}")
+        raise NotExact(f"branches have different output channels {sorted(out_channels)}", code="channels")
     out = out_channels.pop()
     group = kernels.common_group([c.group for c in convs])
     maps: List[Tuple[float, ConvMap]] = []
     for sign, value in values:
         if isinstance(value, Diag):
             if out != ctx.channels:
-                raise NotExact(f"an identity branch needs as many output as input channels ({out} vs {ctx.channels})")
+                raise NotExact(f"an identity branch needs as many output as input channels ({out} vs {ctx.channels})", code="channels")
             identity = kernels.identity_kernel(ctx.channels, group, ctx.rank)
             kernel, bias = kernels.fold_affine(identity, np.zeros(out), value.scale, value.shift)
             value = ConvMap(kernel, bias, ConvGeometry.pointwise(ctx.rank), group)
@@ -515,7 +529,7 @@ def _sum_terms(values, ctx: Context):
     try:
         alignment = align([m.geometry for _, m in maps], ctx.spatial)
     except GeometryError as exc:
-        raise NotExact(str(exc)) from None
+        raise NotExact(str(exc), code=exc.code) from None
     size = alignment.geometry.kernel
     _check_size(out * (ctx.channels // group) * math.prod(size), size)
     total = np.zeros((out, ctx.channels // group) + size)
@@ -532,7 +546,7 @@ def evaluate_block(expr: Expr, ctx: Context) -> ConvMap:
     """The one conv a block computes, when it costs no more than the block (_check_cost)."""
     value = evaluate(expr, ctx)
     if not isinstance(value, ConvMap):
-        raise NotExact("the block has no conv")
+        raise NotExact("the block has no conv", code="not_linear")
     _check_cost(value, block_weights(expr, ctx), ctx)
     return value
 

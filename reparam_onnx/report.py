@@ -7,6 +7,22 @@ from typing import Any, Dict, List, Optional
 from . import risk as _risk
 from .risk import NumericRisk
 
+# Why a block stays: BlockReport.code, one of these (the sentence in `reason` gives the figures).
+REASON_CODES = {
+    "not_linear": "a branch reaches an op that is not linear in the block input (Relu, MaxPool, ...)",
+    "operand": "a parameter is not a usable constant (computed from an input, a broken BatchNormalization, ...)",
+    "shared": "a tensor inside the block is read outside it, or is a graph output",
+    "border": "padding (a Pad, a conv's own) would not see at the borders what the merged conv sees",
+    "geometry": "strides, output sizes, tap alignment or a dynamic size prevent one conv",
+    "channels": "channel counts, groups or per-channel constants do not fit",
+    "layout": "the branches read or write their channels on different axes",
+    "shape": "a Flatten/Reshape inside the block is not proven to give one Linear's output",
+    "cost": "the merged conv would cost more than what it replaces (--allow-larger)",
+    "no_rule": "exact, but no enabled rule names the block",
+    "dtype": "the fused weights do not fit the model's dtype, or it is not float16/32/64",
+    "check": "the block run alone differs from its fused form, or the check could not run",
+}
+
 
 @dataclass
 class BlockReport:
@@ -15,7 +31,7 @@ class BlockReport:
     input: str                        # the block's input tensor
     fused: bool
     rule: Optional[str]               # the rule that named it (None when no rule accepted it)
-    reason: Optional[str]             # why it was not fused
+    reason: Optional[str]             # why it was not fused: a sentence
     nodes: List[str]                  # names of the nodes the block consists of (or replaced)
     shape: str = ""                   # e.g. "3x3 conv+bn + 1x1 conv+bn + identity+bn"
     kernel: Optional[List[int]] = None   # spatial size of the merged kernel
@@ -24,6 +40,8 @@ class BlockReport:
     absorbed: List[Dict[str, str]] = field(default_factory=list)   # blocks fused in an earlier pass and then
                                                                    # taken into this one: {"rule", "output"}
     risk: Optional[NumericRisk] = None   # float16 range and int8 spread of the fused weights (risk.py)
+    code: Optional[str] = None        # why it was not fused: a REASON_CODES key
+    reason_nodes: List[str] = field(default_factory=list)   # the original graph nodes the reason is about
 
     @property
     def fusable(self) -> bool:

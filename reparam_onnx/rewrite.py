@@ -18,7 +18,7 @@ import onnx
 
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .linear import (COSTLY, Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops, choose_source, cut,
+from .linear import (Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops, choose_source, cut,
                      evaluate_block, inverse, output_shape_kept, source_layout, top_terms)
 from .report import BlockReport
 from .risk import numeric_risk
@@ -127,30 +127,28 @@ class Fuser:
         convs in sequence that would cost more merged, or do not merge, are just a network."""
         if decision.report.fused:
             return True
-        if decision.exact and decision.report.reason and decision.report.reason.startswith(COSTLY):
+        if decision.exact and decision.report.code == "cost":
             return False
         return any(isinstance(op, Affine) for op in chain_ops(expr))
 
     def _decide_from(self, expr: Expr, source: str) -> Decision:
-        ctx, problem = self.context(expr, source)
-        value, reason = None, problem or self.exclusivity(expr, source)
-        costly = False
-        if reason is None:
+        ctx, failure = self.context(expr, source)
+        failure = failure or self.exclusivity(expr, source)
+        value = None
+        if failure is None:
             try:
                 value = evaluate_block(expr, ctx)
-            except TooCostly as exc:
-                reason, costly = str(exc), True
             except NotExact as exc:
-                reason = str(exc)
+                failure = exc
         if value is not None and value.regroup is not None:   # a Flatten/Reshape inside: one Linear, same shape
-            reason = output_shape_kept(value, ctx, self.shapes.get(source, (None, None))[0])
-            if reason is None and not as_linear(value, ctx, expr):
-                reason = "a Flatten/Reshape inside a block that is not one Gemm or MatMul"
-        if costly:
-            decision = self._decision(expr, source, None, reason, block_shape(expr, ctx))
+            failure = output_shape_kept(value, ctx, self.shapes.get(source, (None, None))[0])
+            if failure is None and not as_linear(value, ctx, expr):
+                failure = NotExact("a Flatten/Reshape inside a block that is not one Gemm or MatMul", code="shape")
+        if isinstance(failure, TooCostly):
+            decision = self._decision(expr, source, None, failure, block_shape(expr, ctx))
             decision.exact = True
             return decision
-        if reason is None:
+        if failure is None:
             shape = block_shape(expr, ctx)
             rule = first_accepting(self.rules, shape)
             if rule is None:
@@ -159,31 +157,36 @@ class Fuser:
                     decision = self.decide(inner)
                     if decision is not None and decision.report.fused:
                         return decision
-                decision = self._decision(expr, source, None, f"no enabled rule accepts {shape.describe()}", shape)
+                decision = self._decision(expr, source, None,
+                                          NotExact(f"no enabled rule accepts {shape.describe()}", code="no_rule"), shape)
                 decision.exact = True
                 return decision
             decision = self._decision(expr, source, rule.name, None, shape, value)
             decision.ctx = ctx
             return self._check_dtype(decision)
         shape = block_shape(expr, ctx) if ctx is not None else None
-        return self._decision(expr, source, None, reason, shape)
+        return self._decision(expr, source, None, failure, shape)
 
-    def context(self, expr: Expr, source: str) -> Tuple[Optional[Context], Optional[str]]:
+    def context(self, expr: Expr, source: str) -> Tuple[Optional[Context], Optional[NotExact]]:
         all_convs = [e for e in block_exprs(expr, source) if isinstance(e, Conv)]
         convs = [c for c in all_convs if c.weight is not None]
         if not convs:
-            return None, next((c.problem for c in all_convs), "the block has no conv")
+            broken = next((c for c in all_convs if c.problem), None)
+            if broken is None:
+                return None, NotExact("the block has no conv", code="not_linear")
+            return None, NotExact(broken.problem, code="operand", nodes=[n.name for n in broken.nodes])
         ranks = {c.weight.ndim - 2 for c in convs}
         if len(ranks) != 1:
-            return None, "branches are convolutions of different spatial ranks"
+            return None, NotExact("branches are convolutions of different spatial ranks", code="geometry")
         rank = ranks.pop()
         dims, dtype = self.shapes.get(source, (None, None))
         if dtype is not None and np.dtype(dtype) not in (np.float32, np.float16, np.float64):
-            return None, f"the block input has dtype {np.dtype(dtype).name}; only float16/32/64 are fused"
+            return None, NotExact(f"the block input has dtype {np.dtype(dtype).name}; only float16/32/64 are fused",
+                                  code="dtype")
         try:
             layout = source_layout(expr, source, rank)
         except NotExact as exc:
-            return None, str(exc)
+            return None, exc
         canonical = None
         if dims is not None and len(dims) == rank + 2:
             canonical = [dims[layout.index(axis)] for axis in range(rank + 2)]
@@ -192,14 +195,15 @@ class Fuser:
         if readers:
             from_weights = readers[0].weight.shape[1] * readers[0].group
             if channels is not None and channels != from_weights:
-                return None, f"'{source}' has {channels} channels but its conv reads {from_weights}"
+                return None, NotExact(f"'{source}' has {channels} channels but its conv reads {from_weights}",
+                                      code="channels", nodes=[n.name for n in readers[0].nodes])
             channels = from_weights
         if channels is None or not 0 < channels <= MAX_CHANNELS:
-            return None, f"the channel count of '{source}' is unknown or implausible"
+            return None, NotExact(f"the channel count of '{source}' is unknown or implausible", code="channels")
         spatial = tuple(canonical[2:]) if canonical is not None else None
         return Context(source, channels, rank, spatial, layout, self.options.allow_larger), None
 
-    def exclusivity(self, expr: Expr, source: str) -> Optional[str]:
+    def exclusivity(self, expr: Expr, source: str) -> Optional[NotExact]:
         """Every tensor inside the block is read only inside it and is not a graph output; a
         reader of its shape or dtype only counts as inside when it dies with the block (it
         computes nothing but the block's parameters: the dynamo exporter's CastLike(1, y))."""
@@ -211,7 +215,7 @@ class Fuser:
                 if not tensor or tensor == expr.tensor:
                     continue
                 if tensor in self.index.outputs:
-                    return f"'{tensor}' inside the block is a graph output"
+                    return NotExact(f"'{tensor}' inside the block is a graph output", code="shared", nodes=[node.name])
                 for consumer in self.index.consumers.get(tensor, ()):
                     if id(consumer) in inside:
                         continue
@@ -219,7 +223,8 @@ class Fuser:
                         dying = self._parameter_nodes(nodes, source) if dying is None else dying
                         if id(consumer) in dying:
                             continue
-                    return f"'{tensor}' inside the block is also read by '{consumer.name or consumer.op_type}'"
+                    return NotExact(f"'{tensor}' inside the block is also read by '{consumer.name or consumer.op_type}'",
+                                    code="shared", nodes=[node.name, consumer.name])
         return None
 
     def _parameter_nodes(self, nodes, source: str) -> Set[int]:
@@ -243,11 +248,13 @@ class Fuser:
             stack.extend(self.index.producer[i] for i in reads([node]) if i != source and i in self.index.producer)
         return dying
 
-    def _decision(self, expr, source, rule, reason, shape, value=None) -> Decision:
-        nodes = block_nodes(expr, source) if reason is None else _top_nodes(expr) or block_nodes(expr, source)
+    def _decision(self, expr, source, rule, failure: Optional[NotExact], shape, value=None) -> Decision:
+        nodes = block_nodes(expr, source) if failure is None else _top_nodes(expr) or block_nodes(expr, source)
         kernel = list(value.geometry.kernel) if value is not None else None
-        report = BlockReport(output=expr.tensor, input=source, fused=reason is None and rule is not None, rule=rule,
-                             reason=reason, nodes=[n.name for n in nodes],
+        report = BlockReport(output=expr.tensor, input=source, fused=failure is None and rule is not None, rule=rule,
+                             reason=str(failure) if failure else None, nodes=[n.name for n in nodes],
+                             code=failure.code if failure else None,
+                             reason_nodes=[n for n in failure.nodes if n] if failure else [],
                              shape=shape.describe() if shape is not None else "", kernel=kernel)
         return Decision(report, expr, value)
 
@@ -272,7 +279,7 @@ class Fuser:
                 value.kernel, value.bias = value.kernel.astype(dtype), value.bias.astype(dtype)
             decision.dtype = dtype.type
         if reason:
-            decision.report.fused, decision.report.reason = False, reason
+            decision.report.fused, decision.report.reason, decision.report.code = False, reason, "dtype"
         return decision
 
     # ---------------------------------------------------------------- rewriting
@@ -332,20 +339,20 @@ class Fuser:
         try:
             values = {name: np.asarray(self.index.value(name)) for name in params}
         except Exception as exc:  # a parameter that folded before must fold again; say so if not
-            d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
+            d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
             return False
         dtype = self.shapes.get(source, (None, None))[1] or d.dtype
         try:
             runs = check_inputs(d.ctx, d.value.geometry, self.shapes.get(source, (None, None))[0], dtype,
                                 self.options.seed)
         except ValueError as exc:
-            d.report.fused, d.report.reason = False, f"isolated check could not run: {exc}"
+            d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
             return False
         result = check_block(source, dtype, output, (nodes, values), (new_nodes, new_params), self.model, runs,
                              self.options.seed, self.options.rtol, self.options.atol)
         d.report.check = result.worst
         if not result.passed:
-            d.report.fused = False
+            d.report.fused, d.report.code = False, "check"
             d.report.reason = (f"the block run alone differs from its fused conv: max|Δ|/max|ref| = "
                                f"{result.worst:.2e} > rtol {result.tolerance['rtol']:.0e}"
                                if result.ran else f"isolated check could not run: {result.message}")
@@ -589,6 +596,8 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
             break
     # what is fused, and what the last pass left (earlier verdicts may be stale)
     left = [d.report for d in reversed(last) if not d.report.fused]
+    for report in left:   # a node an earlier pass wrote stands for the nodes it replaced
+        report.reason_nodes = [o for n in report.reason_nodes for o in (made[n].nodes if n in made else [n])]
     notes = []
     created = {n.name for n in model.graph.node if n.op_type == "Transpose" and n.name in made}
     pairs = _cancel_transposes(model, options, created) if created else 0

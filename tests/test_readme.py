@@ -26,6 +26,12 @@ def test_rule_table_lists_every_rule():
         assert re.search(rf"^\| `{rule.name}` \| {rule.priority} \|", README, re.M), rule.name
 
 
+def test_reason_code_table_lists_every_code():
+    from reparam_onnx.report import REASON_CODES
+    for code, meaning in REASON_CODES.items():
+        assert f"| `{code}` | {meaning} |" in README, code
+
+
 def test_cited_tests_exist():
     cited = re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?`", README)
     assert len(cited) >= 10

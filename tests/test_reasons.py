@@ -1,0 +1,78 @@
+"""Reasons are data: every block left unfused carries a code from report.REASON_CODES and the
+original graph nodes its reason is about, in the report and its JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import Builder, repvgg_block
+from reparam_onnx import fuse_with_report
+from reparam_onnx.report import REASON_CODES
+
+C = 4
+ONE = (1, 1, 1, 1)
+
+
+def _relu_branch(b, x):
+    """One Sum node: no part of it can be fused on its own."""
+    return b.node("Sum", [b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C), b.conv(x, C, C, (1, 1)),
+                          b.node("Relu", [b.conv(x, C, C, (1, 1))])])
+
+
+def _border(b, x):
+    return b.conv(b.bn(x, C), C, C, (3, 3), pads=ONE)
+
+
+def _strides(b, x):
+    return b.add(b.conv(x, C, C, (3, 3), (2, 2), ONE), b.conv(x, C, C, (1, 1)))
+
+
+def _cost(b, x):
+    return b.add(b.conv(x, C, C, (3, 3), pads=ONE, group=C), b.conv(x, C, C, (1, 1)))
+
+
+def _operand(b, x):
+    weight = b.input([C, C, 1, 1], "w_in")   # a weight fed at run time
+    return b.add(b.node("Conv", [x, weight], kernel_shape=[1, 1]), b.conv(x, C, C, (3, 3), pads=ONE))
+
+
+CASES = {"not_linear": _relu_branch, "border": _border, "geometry": _strides, "cost": _cost,
+         "operand": _operand}
+
+
+@pytest.mark.parametrize("code", sorted(CASES))
+def test_each_refusal_has_its_code_and_original_nodes(code):
+    b = Builder(seed=len(code))
+    x = b.input([1, C, 9, 9])
+    model = b.model(CASES[code](b, x))
+    result = fuse_with_report(model, verify=False)
+    unfused = result.report.unfused
+    assert unfused and all(r.code in REASON_CODES for r in unfused)
+    assert code in [r.code for r in unfused], [(r.code, r.reason) for r in unfused]
+    names = {n.name for n in model.graph.node}
+    for r in unfused:
+        assert set(r.reason_nodes) <= names, r.reason_nodes
+    as_json = json.loads(json.dumps(result.report.to_dict(), default=str))
+    assert {"code", "reason_nodes"} <= set(as_json["blocks"][0])
+
+
+def test_border_reason_names_the_conv():
+    b = Builder(seed=3)
+    x = b.input([1, C, 9, 9])
+    model = b.model(_border(b, x))
+    (block,) = fuse_with_report(model, verify=False).report.unfused
+    assert block.code == "border" and block.reason_nodes == ["conv1"]
+
+
+def test_a_node_fused_by_an_earlier_pass_is_named_by_its_originals():
+    """Pass 1 fuses a RepVGG block read through a BN; pass 2 finds that BN before the block's
+    padded conv (a node pass 1 wrote): the reason names the block's original nodes."""
+    b = Builder(seed=4)
+    x = b.input([1, C, 9, 9])
+    model = b.model(repvgg_block(b, b.bn(x, C), C, C))
+    result = fuse_with_report(model, verify=False)
+    (left,) = result.report.unfused
+    assert left.code == "border"
+    originals = {n.name for n in model.graph.node if n.op_type != "BatchNormalization" or n.input[0] != "x"}
+    assert set(left.reason_nodes) == originals
