@@ -11,7 +11,9 @@ import onnx
 from . import io
 from .errors import InputError, VerificationError
 from .report import BlockReport, Report, Verification
-from .rewrite import FuseOptions, fuse_graph, op_counts
+from .analyse import FuseOptions
+from .edit import op_counts
+from .rewrite import fuse_graph
 from .rulebook import RuleError, load_rules
 from . import validate
 from .shapes import SPATIAL, covering_sizes, static_shapes

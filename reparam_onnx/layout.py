@@ -10,12 +10,12 @@ caller's to rewrite. Exact: element-wise ops commute with any permutation of axe
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Dict, Optional, Set
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from .edit import add_initializer, forget_value_info, used_names
 from .graph import GraphIndex, attributes, subgraph_reads, unique_name
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Gelu",
@@ -36,12 +36,11 @@ def cancel_transposes(model: onnx.ModelProto, index: GraphIndex, created: Set[st
     """Remove pairs of inverse Transposes around element-wise chains that begin or end at a
     Transpose named in `created`; returns how many pairs."""
     graph = model.graph
-    names = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
-        {i.name for i in graph.input}
+    names = used_names(graph)
     removed: Set[int] = set()
     renamed_outputs: Dict[int, str] = {}
     new_inputs: Dict[int, Dict[int, str]] = {}
-    new_inits: List[onnx.TensorProto] = []
+    new_inits: Dict[str, np.ndarray] = {}
     stale: Set[str] = set()
     rename: Dict[str, str] = {}
     pairs = 0
@@ -93,8 +92,7 @@ def cancel_transposes(model: onnx.ModelProto, index: GraphIndex, created: Set[st
                     value = index.try_value(name)
                     full = value.reshape((1,) * (len(p) - value.ndim) + value.shape)
                     new_name = unique_name(f"{name}/transposed", names)
-                    new_inits.append(numpy_helper.from_array(np.ascontiguousarray(np.transpose(full, inverse)),
-                                                             new_name))
+                    new_inits[new_name] = np.transpose(full, inverse)
                     inputs[pos] = new_name
             stale.update(op.output)
         renamed_outputs[id(chain[-1][0])] = last.output[0]
@@ -118,10 +116,9 @@ def cancel_transposes(model: onnx.ModelProto, index: GraphIndex, created: Set[st
         kept.append(node)
     del graph.node[:]
     graph.node.extend(kept)
-    graph.initializer.extend(new_inits)
-    infos = [v for v in graph.value_info if v.name not in stale]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)
+    for name, array in new_inits.items():
+        add_initializer(graph, name, array)
+    forget_value_info(graph, stale)
     return pairs
 
 

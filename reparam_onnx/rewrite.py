@@ -1,410 +1,101 @@
-"""The driver: find candidate blocks, decide, replace each fused block by one Conv.
+"""The driver: pass after pass, decide (analyse.py), check each fused block alone (check.py)
+and replace it in the graph (edit.py), until nothing changes.
 
-Before: an Add/Sum tree (or a Conv→BN chain) whose terms are linear in one tensor x.
-After:  Conv(x, W, B) writing the block's original output tensor.
-Conditions: linear.evaluate succeeds (exactness), a rule accepts the block's shape.
+Before: an Add/Sum tree (or a chain: Conv→BN, BN→Conv, Conv→Conv, Linear→BN) whose terms are
+linear in one tensor x.
+After:  Conv(x, W, B), or Gemm / MatMul + Add for a Linear, writing the block's original
+output tensor.
+Conditions: linear.evaluate_block succeeds (exactness, cost), a rule accepts the block's shape.
 The graph is edited in place, node by node: only the tensors that change are touched,
-untouched weights are never copied, and the fused Conv takes the position of the
+untouched weights are never copied, and the fused node takes the position of the
 block's last node, so the node order stays topological.
 """
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
 
+from .analyse import Analyser, Decision, FuseOptions, as_linear
+from .check import check_alone
+from .edit import add_initializer, default_opset, drop_unvouched_value_info, list_as_inputs, remove_dead, used_names
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .linear import (Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops, choose_source, cut,
-                     evaluate_block, inverse, output_shape_kept, source_layout, top_terms)
+from .linear import inverse
 from .report import BlockReport
-from .risk import numeric_risk
-from .rulebook import Rule, block_shape, first_accepting
 from .shapes import static_shapes
-from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Regroup, Shared, Sum, Walker, block_exprs, block_nodes
-from .verify import check_block, random_array
+from .terms import block_nodes
 
 MAX_PASSES = 8
 RULE_KEY = "reparam_onnx.rule"   # metadata_props entry of every node a fusion writes: the rule's name
-MAX_CHANNELS = 1 << 20
 
 
-@dataclass
-class Decision:
-    report: BlockReport
-    expr: Expr                       # the part of the graph the decision is about
-    value: Optional[ConvMap] = None  # the fused conv, when fused
-    dtype: Optional[type] = None
-    ctx: Optional[Context] = None
-    exact: bool = False              # the block evaluates to one conv (it may still be unwanted: rule, cost)
+def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decision, List[onnx.NodeProto]]]:
+    """Replace every fused block by its Conv; returns each block replaced, with the nodes that replaced it."""
+    fused = [d for d in decisions if d.report.fused]
+    if not fused:
+        return []
+    graph = analyser.graph
+    names = used_names(graph)
+    read_before = reads(graph.node) | {o.name for o in graph.output}
+    replace: Dict[int, List[onnx.NodeProto]] = {}
+    removed: Set[int] = set()
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    applied = []
+    for d in fused:
+        nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
+        root = analyser.index.producer[d.expr.tensor]
+        new_nodes, params = build(d, root, names)
+        for node in new_nodes:   # provenance: which rule made the node
+            entry = node.metadata_props.add()
+            entry.key, entry.value = RULE_KEY, d.report.rule or ""
+        if analyser.options.check_blocks and not check_alone(analyser, d, nodes, new_nodes, params, order):
+            continue
+        applied.append((d, new_nodes))
+        for name, array in params.items():
+            add_initializer(graph, name, array)
+        removed.update(id(n) for n in nodes)
+        replace[id(root)] = new_nodes
+        d.report.nodes = [n.name for n in nodes]
+    kept = []
+    for node in graph.node:
+        if id(node) in replace:
+            kept.extend(replace[id(node)])
+        elif id(node) not in removed:
+            kept.append(node)
+    remove_dead(graph, kept, read_before, analyser.index.initializers_are_constant)
+    return applied
 
 
-def op_counts(graph: onnx.GraphProto) -> Dict[str, int]:
-    return dict(sorted(Counter(n.op_type for n in graph.node).items()))
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return op.version
-    return 0
-
-
-@dataclass
-class FuseOptions:
-    rules: Sequence[Rule]
-    initializers_as_constants: bool = False
-    external_base: Optional[str] = None
-    check_blocks: bool = True          # run each fused block alone in onnxruntime before rewriting it
-    seed: int = 0
-    rtol: Optional[float] = None
-    atol: float = 0.0
-    allow_larger: bool = False         # merge blocks even into a conv that costs more than the branches
-
-
-class Fuser:
-    """One pass over one graph."""
-
-    def __init__(self, model: onnx.ModelProto, options: FuseOptions):
-        self.model = model
-        self.graph = model.graph
-        self.options = options
-        self.rules = options.rules
-        self.shapes = static_shapes(model)
-        self.index = GraphIndex(self.graph, self.shapes, default_opset(model), options.initializers_as_constants,
-                                options.external_base)
-        self.walker = Walker(self.index)
-
-    # ---------------------------------------------------------------- deciding
-
-    def decisions(self) -> List[Decision]:
-        claimed: Set[int] = set()
-        out = []
-        for node in reversed(self.graph.node):
-            if id(node) in claimed or node.op_type not in ROOT_OPS or node.domain not in ("", "ai.onnx"):
-                continue
-            if not node.output or not node.output[0]:
-                continue
-            decision = self.decide(self.walker.walk(node.output[0], root=True))
-            if decision is None:
-                continue
-            out.append(decision)
-            nodes = block_nodes(decision.expr, decision.report.input) if decision.report.fused \
-                else _top_nodes(decision.expr, whole_bag=decision.exact)
-            claimed.update(id(n) for n in nodes)
-        return out
-
-    def decide(self, expr: Expr) -> Optional[Decision]:
-        source = choose_source(expr)
-        if source is None:
-            return None
-        # a Flatten/Reshape of the input itself is not part of the block: its output is the input
-        # (the dynamo exporter writes GlobalAveragePool → Flatten as ReduceMean → Reshape)
-        regroup = next((e for e in block_exprs(expr, source) if isinstance(e, Regroup) and
-                        isinstance(e.input, (Leaf, Shared)) and e.input.tensor == source), None)
-        if regroup is not None:
-            return self.decide(cut(expr, regroup.tensor))
-        decision = self._decide_from(expr, source)
-        if top_terms(expr)[1]:
-            return decision
-        if decision.report.fused:
-            # a chain is rewritten only into fewer nodes (MatMul→Add is already its own deploy form)
-            return decision if _emitted(decision) < len(block_nodes(expr, source)) else None
-        # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
-        # conv, or compose two convs); when that fails, the chain from the outermost conv's input.
-        conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
-        shorter = None if conv is None or conv.input.tensor == source else self.decide(cut(expr, conv.input.tensor))
-        if shorter is not None:
-            return shorter if shorter.report.fused or self._worth_reporting(expr, decision) else decision
-        return decision if self._worth_reporting(expr, decision) else None
-
-    @staticmethod
-    def _worth_reporting(expr: Expr, decision: Decision) -> bool:
-        """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv):
-        convs in sequence that would cost more merged, or do not merge, are just a network."""
-        if decision.report.fused:
-            return True
-        if decision.exact and decision.report.code == "cost":
-            return False
-        return any(isinstance(op, Affine) for op in chain_ops(expr))
-
-    def _decide_from(self, expr: Expr, source: str) -> Decision:
-        ctx, failure = self.context(expr, source)
-        failure = failure or self.exclusivity(expr, source)
-        value = None
-        if failure is None:
-            try:
-                value = evaluate_block(expr, ctx)
-            except NotExact as exc:
-                failure = exc
-        if value is not None and value.regroup is not None:   # a Flatten/Reshape inside: one Linear, same shape
-            failure = output_shape_kept(value, ctx, self.shapes.get(source, (None, None))[0])
-            if failure is None and not as_linear(value, ctx, expr):
-                failure = NotExact("a Flatten/Reshape inside a block that is not one Gemm or MatMul", code="shape")
-        if isinstance(failure, TooCostly):
-            decision = self._decision(expr, source, None, failure, block_shape(expr, ctx))
-            decision.exact = True
-            return decision
-        if failure is None:
-            shape = block_shape(expr, ctx)
-            rule = first_accepting(self.rules, shape)
-            if rule is None:
-                inner = _peel(expr)
-                if inner is not None:
-                    decision = self.decide(inner)
-                    if decision is not None and decision.report.fused:
-                        return decision
-                decision = self._decision(expr, source, None,
-                                          NotExact(f"no enabled rule accepts {shape.describe()}", code="no_rule"), shape)
-                decision.exact = True
-                return decision
-            decision = self._decision(expr, source, rule.name, None, shape, value)
-            decision.ctx = ctx
-            return self._check_dtype(decision)
-        shape = block_shape(expr, ctx) if ctx is not None else None
-        return self._decision(expr, source, None, failure, shape)
-
-    def context(self, expr: Expr, source: str) -> Tuple[Optional[Context], Optional[NotExact]]:
-        all_convs = [e for e in block_exprs(expr, source) if isinstance(e, Conv)]
-        convs = [c for c in all_convs if c.weight is not None]
-        if not convs:
-            broken = next((c for c in all_convs if c.problem), None)
-            if broken is None:
-                return None, NotExact("the block has no conv", code="not_linear")
-            return None, NotExact(broken.problem, code="operand", nodes=[n.name for n in broken.nodes])
-        ranks = {c.weight.ndim - 2 for c in convs}
-        if len(ranks) != 1:
-            return None, NotExact("branches are convolutions of different spatial ranks", code="geometry")
-        rank = ranks.pop()
-        dims, dtype = self.shapes.get(source, (None, None))
-        if dtype is not None and np.dtype(dtype) not in (np.float32, np.float16, np.float64):
-            return None, NotExact(f"the block input has dtype {np.dtype(dtype).name}; only float16/32/64 are fused",
-                                  code="dtype")
-        try:
-            layout = source_layout(expr, source, rank)
-        except NotExact as exc:
-            return None, exc
-        canonical = None
-        if dims is not None and len(dims) == rank + 2:
-            canonical = [dims[layout.index(axis)] for axis in range(rank + 2)]
-        channels = canonical[1] if canonical is not None else None
-        readers = [c for c in convs if c.input.tensor == source]
-        if readers:
-            from_weights = readers[0].weight.shape[1] * readers[0].group
-            if channels is not None and channels != from_weights:
-                return None, NotExact(f"'{source}' has {channels} channels but its conv reads {from_weights}",
-                                      code="channels", nodes=[n.name for n in readers[0].nodes])
-            channels = from_weights
-        if channels is None or not 0 < channels <= MAX_CHANNELS:
-            return None, NotExact(f"the channel count of '{source}' is unknown or implausible", code="channels")
-        spatial = tuple(canonical[2:]) if canonical is not None else None
-        return Context(source, channels, rank, spatial, layout, self.options.allow_larger), None
-
-    def exclusivity(self, expr: Expr, source: str) -> Optional[NotExact]:
-        """Every tensor inside the block is read only inside it and is not a graph output; a
-        reader of its shape or dtype only counts as inside when it dies with the block (it
-        computes nothing but the block's parameters: the dynamo exporter's CastLike(1, y))."""
-        nodes = block_nodes(expr, source)
-        inside = {id(n) for n in nodes}
-        dying = None
-        for node in nodes:
-            for tensor in node.output:
-                if not tensor or tensor == expr.tensor:
-                    continue
-                if tensor in self.index.outputs:
-                    return NotExact(f"'{tensor}' inside the block is a graph output", code="shared", nodes=[node.name])
-                for consumer in self.index.consumers.get(tensor, ()):
-                    if id(consumer) in inside:
-                        continue
-                    if any(r is consumer for r in self.index.shape_readers.get(tensor, ())):
-                        dying = self._parameter_nodes(nodes, source) if dying is None else dying
-                        if id(consumer) in dying:
-                            continue
-                    return NotExact(f"'{tensor}' inside the block is also read by '{consumer.name or consumer.op_type}'",
-                                    code="shared", nodes=[node.name, consumer.name])
-        return None
-
-    def _parameter_nodes(self, nodes, source: str) -> Set[int]:
-        """Nodes outside the block whose every output is read only by the block or by other such
-        nodes (and is no graph output): the block's parameter subgraphs, removed with it."""
-        inside = {id(n) for n in nodes}
-        dying: Set[int] = set()
-
-        def only_feeds_the_block(node) -> bool:
-            return all(o not in self.index.outputs and
-                       all(id(c) in inside or id(c) in dying for c in self.index.consumers.get(o, ()))
-                       for o in node.output if o)
-
-        stack = [self.index.producer[i] for n in nodes for i in n.input if i and i != source and i in self.index.producer]
-        while stack:
-            node = stack.pop()
-            if id(node) in inside or id(node) in dying or not only_feeds_the_block(node):
-                continue
-            dying.add(id(node))
-            # a producer refused before may qualify now that this reader is known to die
-            stack.extend(self.index.producer[i] for i in reads([node]) if i != source and i in self.index.producer)
-        return dying
-
-    def _decision(self, expr, source, rule, failure: Optional[NotExact], shape, value=None) -> Decision:
-        nodes = block_nodes(expr, source) if failure is None else _top_nodes(expr) or block_nodes(expr, source)
-        kernel = list(value.geometry.kernel) if value is not None else None
-        report = BlockReport(output=expr.tensor, input=source, fused=failure is None and rule is not None, rule=rule,
-                             reason=str(failure) if failure else None, nodes=[n.name for n in nodes],
-                             code=failure.code if failure else None,
-                             reason_nodes=[n for n in failure.nodes if n] if failure else [],
-                             shape=shape.describe() if shape is not None else "", kernel=kernel)
-        return Decision(report, expr, value)
-
-    def _check_dtype(self, decision: Decision) -> Decision:
-        """Fused weights take the dtype of the block's conv weights; they must fit in it."""
-        convs = [e for e in block_exprs(decision.expr, decision.report.input) if isinstance(e, Conv)]
-        dtypes = {np.dtype(c.weight.dtype) for c in convs}
-        reason = None
-        if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float16, np.float64):
-            reason = f"conv weights have dtype(s) {sorted(d.name for d in dtypes)}; one of float16/32/64 is needed"
-        else:
-            dtype = dtypes.pop()
-            limit = np.finfo(dtype).max
-            value = decision.value
-            if np.isnan(value.kernel).any() or np.isnan(value.bias).any():
-                reason = "a parameter of the block is NaN"
-            elif not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
-                reason = f"fused weights exceed the {dtype.name} range"
-            else:
-                decision.report.risk = numeric_risk(value.kernel, value.bias)   # of the exact float64 weights
-                # cast once, now: the float64 kernels of every block need not wait for the rewrite
-                value.kernel, value.bias = value.kernel.astype(dtype), value.bias.astype(dtype)
-            decision.dtype = dtype.type
-        if reason:
-            decision.report.fused, decision.report.reason, decision.report.code = False, reason, "dtype"
-        return decision
-
-    # ---------------------------------------------------------------- rewriting
-
-    def apply(self, decisions: Sequence[Decision]) -> List[Tuple[Decision, List[onnx.NodeProto]]]:
-        """Replace every fused block by its Conv; returns each block replaced, with the nodes that replaced it."""
-        fused = [d for d in decisions if d.report.fused]
-        if not fused:
-            return []
-        graph = self.graph
-        names = _used_names(graph)
-        read_before = reads(graph.node) | {o.name for o in graph.output}
-        replace: Dict[int, List[onnx.NodeProto]] = {}
-        removed: Set[int] = set()
-        order = {id(n): i for i, n in enumerate(graph.node)}
-        applied = []
-        for d in fused:
-            nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
-            root = self.index.producer[d.expr.tensor]
-            new_nodes, params = self._build_conv(d, root, names)
-            for node in new_nodes:   # provenance: which rule made the node
-                entry = node.metadata_props.add()
-                entry.key, entry.value = RULE_KEY, d.report.rule or ""
-            if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, params, order):
-                continue
-            applied.append((d, new_nodes))
-            for name, array in params.items():
-                add_initializer(graph, name, array)
-            removed.update(id(n) for n in nodes)
-            replace[id(root)] = new_nodes
-            d.report.nodes = [n.name for n in nodes]
-        kept = []
-        for node in graph.node:
-            if id(node) in replace:
-                kept.extend(replace[id(node)])
-            elif id(node) not in removed:
-                kept.append(node)
-        _remove_dead(graph, kept, read_before, self.index.initializers_are_constant)
-        return applied
-
-    def _check_alone(self, d: Decision, nodes, new_nodes, new_params, order) -> bool:
-        """Run the block and its replacement alone on random inputs; unfuse the block when they differ.
-        A parameter computed from the shape of a tensor of the block (Reshape to Shape(t)) is
-        computed in the check too: its nodes run with the block's."""
-        source, output = d.report.input, d.expr.tensor
-        produced = {o for n in nodes for o in n.output}
-        params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
-        dying = None
-        for name in sorted(params):
-            if self.index.try_value(name) is None and name in self.index.producer:
-                dying = self._parameter_nodes(nodes, source) if dying is None else dying
-                node = self.index.producer[name]
-                if id(node) in dying and all(i in produced or self.index.try_value(i) is not None for i in node.input if i):
-                    nodes = sorted(list(nodes) + [node], key=lambda n: order[id(n)])
-                    produced.update(node.output)
-        params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
-        try:
-            values = {name: np.asarray(self.index.value(name)) for name in params}
-        except Exception as exc:  # a parameter that folded before must fold again; say so if not
-            d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
-            return False
-        dtype = self.shapes.get(source, (None, None))[1] or d.dtype
-        try:
-            runs = check_inputs(d.ctx, d.value.geometry, self.shapes.get(source, (None, None))[0], dtype,
-                                self.options.seed)
-        except ValueError as exc:
-            d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
-            return False
-        result = check_block(source, dtype, output, (nodes, values), (new_nodes, new_params), self.model, runs,
-                             self.options.seed, self.options.rtol, self.options.atol)
-        d.report.check = result.worst
-        if not result.passed:
-            d.report.fused, d.report.code = False, "check"
-            d.report.reason = (f"the block run alone differs from its fused conv: max|Δ|/max|ref| = "
-                               f"{result.worst:.2e} > rtol {result.tolerance['rtol']:.0e}"
-                               if result.ran else f"isolated check could not run: {result.message}")
-        return result.passed
-
-    def _build_conv(self, d: Decision, root: onnx.NodeProto, names: Set[str]):
-        value, dtype = d.value, d.dtype
-        base = root.name or d.expr.tensor
-        node_name = unique_name(f"{base}/reparam", names)
-        w_name = unique_name(f"{base}/reparam.weight", names)
-        b_name = unique_name(f"{base}/reparam.bias", names)
-        g = value.geometry
-        source, output = d.report.input, d.expr.tensor
-        canonical = tuple(range(g.rank + 2))
-        if _as_linear(d):
-            return _build_linear(d, node_name, w_name, b_name, names)
-        nodes = []
-        if d.ctx.layout != canonical:   # the block input is not (N, C, ...): lay it out for the conv
-            to_canonical = unique_name(f"{base}/reparam.input", names)
-            nodes.append(onnx.helper.make_node("Transpose", [source], [to_canonical], name=to_canonical,
-                                               perm=list(inverse(d.ctx.layout))))
-            source = to_canonical
-        conv_out = output if value.layout == canonical else unique_name(f"{base}/reparam.output", names)
-        nodes.append(onnx.helper.make_node(
-            "Conv", [source, w_name, b_name], [conv_out], name=node_name,
-            kernel_shape=list(g.kernel), strides=list(g.strides), pads=list(g.pads_begin + g.pads_end),
-            dilations=list(g.dilations), group=value.group))
-        if value.layout != canonical:   # and give the output the layout the graph had
-            nodes.append(onnx.helper.make_node("Transpose", [conv_out], [output], name=unique_name(f"{base}/reparam.transpose", names),
-                                               perm=list(value.layout)))
-        return nodes, {w_name: value.kernel.astype(dtype, copy=False), b_name: value.bias.astype(dtype, copy=False)}
-
-
-def _emitted(d: Decision) -> int:
-    """How many nodes _build_conv writes for a block."""
-    if _as_linear(d):
-        return 1 if d.value.geometry.rank == 0 else 2
-    canonical = tuple(range(d.value.geometry.rank + 2))
-    return 1 + (d.ctx.layout != canonical) + (d.value.layout != canonical)
-
-
-def _as_linear(d: Decision) -> bool:
-    return as_linear(d.value, d.ctx, d.expr)
-
-
-def as_linear(value: ConvMap, ctx: Context, expr: Expr) -> bool:
-    """A block of Gemm/MatMul stays one: a pointwise, ungrouped map with channels last at both
-    ends (rank 2: always) is written as Gemm (rank 2) or MatMul + Add, not a Conv."""
-    rank = value.geometry.rank
-    last = (0,) + tuple(range(2, rank + 2)) + (1,) if rank else (0, 1)
-    linear = any(isinstance(e, Conv) and e.linear for e in block_exprs(expr, ctx.source))
-    return linear and value.geometry.is_pointwise and value.group == 1 and ctx.layout == last and value.layout == last
+def build(d: Decision, root: onnx.NodeProto, names: Set[str]):
+    """The nodes and new initializers that replace a fused block: one Conv (with Transposes when
+    the block input or output is not laid out N, C, ...), or one Gemm / MatMul + Add."""
+    value, dtype = d.value, d.dtype
+    base = root.name or d.expr.tensor
+    node_name = unique_name(f"{base}/reparam", names)
+    w_name = unique_name(f"{base}/reparam.weight", names)
+    b_name = unique_name(f"{base}/reparam.bias", names)
+    g = value.geometry
+    source, output = d.report.input, d.expr.tensor
+    canonical = tuple(range(g.rank + 2))
+    if as_linear(d.value, d.ctx, d.expr):
+        return _build_linear(d, node_name, w_name, b_name, names)
+    nodes = []
+    if d.ctx.layout != canonical:   # the block input is not (N, C, ...): lay it out for the conv
+        to_canonical = unique_name(f"{base}/reparam.input", names)
+        nodes.append(onnx.helper.make_node("Transpose", [source], [to_canonical], name=to_canonical,
+                                           perm=list(inverse(d.ctx.layout))))
+        source = to_canonical
+    conv_out = output if value.layout == canonical else unique_name(f"{base}/reparam.output", names)
+    nodes.append(onnx.helper.make_node(
+        "Conv", [source, w_name, b_name], [conv_out], name=node_name,
+        kernel_shape=list(g.kernel), strides=list(g.strides), pads=list(g.pads_begin + g.pads_end),
+        dilations=list(g.dilations), group=value.group))
+    if value.layout != canonical:   # and give the output the layout the graph had
+        nodes.append(onnx.helper.make_node("Transpose", [conv_out], [output], name=unique_name(f"{base}/reparam.transpose", names),
+                                           perm=list(value.layout)))
+    return nodes, {w_name: value.kernel.astype(dtype, copy=False), b_name: value.bias.astype(dtype, copy=False)}
 
 
 def _build_linear(d: Decision, node_name: str, w_name: str, b_name: str, names: Set[str]):
@@ -420,132 +111,6 @@ def _build_linear(d: Decision, node_name: str, w_name: str, b_name: str, names: 
     nodes = [onnx.helper.make_node("MatMul", [source, w_name], [product], name=node_name),
              onnx.helper.make_node("Add", [product, b_name], [output], name=unique_name(f"{node_name}.bias", names))]
     return nodes, {w_name: np.ascontiguousarray(kernel.T), b_name: bias}
-
-
-def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:
-    """A new initializer written straight into the graph, as numpy_helper.from_array would make
-    it (from_array then extend would copy the data once more)."""
-    tensor = graph.initializer.add()
-    tensor.dims.extend(array.shape)
-    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-    tensor.raw_data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-    tensor.name = name
-
-
-def check_sizes(spatial: Optional[Sequence[Optional[int]]], geometry) -> List[tuple]:
-    """Canonical spatial sizes to run a fused block alone at: its static size; on a dynamic
-    axis, sizes from one its taps can read, covering every residue modulo the stride (and
-    both parities), since that is what a conv's output grid depends on."""
-    rank = geometry.rank
-    spatial = tuple(spatial) if spatial is not None else (None,) * rank
-    dynamic = [a for a in range(rank) if spatial[a] is None]
-    count = max([geometry.strides[a] for a in dynamic] + [2]) if dynamic else 1
-    return [tuple(spatial[a] if spatial[a] is not None else geometry.extent(a) + geometry.strides[a] + r
-                  for a in range(rank)) for r in range(count)]
-
-
-def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[str, np.ndarray]]:
-    """Random inputs for the block input at check_sizes: channels from the weights (ctx), batch
-    from the graph where static (else 1), laid out as the graph has it."""
-    rng = np.random.default_rng(seed)
-    batch = dims[ctx.layout.index(0)] if dims is not None and len(dims) == len(ctx.layout) else None
-    runs = []
-    for size in check_sizes(ctx.spatial, geometry):
-        canonical = (batch or 1, ctx.channels) + size
-        actual = [canonical[axis] for axis in ctx.layout]
-        runs.append({ctx.source: random_array(actual, dtype, rng, ctx.source)})
-    return runs
-
-
-def _top_nodes(expr: Expr, whole_bag: bool = False) -> List[onnx.NodeProto]:
-    """The nodes of a block left unfused that no other candidate should start from: its
-    post-ops and its top sum. Nested sums stay free when the block is not exact: a nested sum
-    can be a block of its own (RepGhost's inside a residual Add over another input). When the
-    block is exact but unwanted (no rule, too costly), every sum of its bag is taken: fusing a
-    part of it would leave a model that is neither the training form nor the deploy form.
-    Branches stay free either way: a branch is a Conv→BN chain of its own."""
-    out = []
-    e = expr
-    while isinstance(e, Affine):
-        out.extend(e.nodes)
-        e = e.input
-    if isinstance(e, Sum):
-        out.extend(e.nodes)
-        if whole_bag:
-            out.extend(n for s in bag_sums(e) for n in s.nodes)
-    return out
-
-
-def _peel(expr: Expr) -> Optional[Expr]:
-    """The block without its outermost post-op, when it has one above a sum: an op of its own
-    node (the op stays in the graph after the inner block, so it must not share a node with it)."""
-    if isinstance(expr, Affine) and top_terms(expr)[1]:   # the sum at the top, not one beyond the input
-        inner = {id(n) for n in block_nodes(expr.input)}
-        if not any(id(n) in inner for n in expr.nodes):
-            return expr.input
-    return None
-
-
-
-
-def _used_names(graph: onnx.GraphProto) -> Set[str]:
-    names = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
-    for node in graph.node:
-        names.add(node.name)
-        names.update(node.input)
-        names.update(node.output)
-    return names
-
-
-def _remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], read_before: Set[str],
-                 drop_inputs: bool = False) -> None:
-    """Make `kept` the graph's nodes and drop what a rewrite left unread: tensors read before
-    and not now lose their producers (constant subgraphs, transitively) and their initializers.
-
-    An initializer that is also a graph input stays (it is part of the model's interface)
-    unless drop_inputs: then it was treated as a constant, and goes with its input entry.
-    Initializers and nodes that nothing read before stay: they are not the rewrite's doing.
-    """
-    outputs = {o.name for o in graph.output}
-    producer = {o: n for n in kept for o in n.output}
-    uses = Counter()
-    for node in kept:
-        uses.update(reads([node]))
-    dead_nodes: Set[int] = set()
-    pending = sorted(name for name in read_before if not uses[name] and name not in outputs)
-    visited = set(pending)
-    while pending:
-        name = pending.pop()
-        visited.add(name)
-        node = producer.get(name)
-        if node is None or id(node) in dead_nodes:
-            continue
-        if any(uses[o] or o in outputs for o in node.output if o):
-            continue
-        dead_nodes.add(id(node))
-        for inp in reads([node]):
-            uses[inp] -= 1
-            pending.append(inp)
-    final = [n for n in kept if id(n) not in dead_nodes]
-    live = reads(final) | outputs
-    graph_inputs = {i.name for i in graph.input}
-    initializers = {t.name for t in graph.initializer}
-    dead_inits = {name for name in visited if name not in live and name in initializers
-                  and (drop_inputs or name not in graph_inputs)}
-    for i in reversed(range(len(graph.input))):
-        if graph.input[i].name in dead_inits:
-            del graph.input[i]
-    # Delete by index: rebuilding the list would copy every weight.
-    for i in reversed(range(len(graph.initializer))):
-        if graph.initializer[i].name in dead_inits:
-            del graph.initializer[i]
-    del graph.node[:]
-    graph.node.extend(final)
-    present = {o for n in final for o in n.output} | {i.name for i in graph.input}
-    infos = [v for v in graph.value_info if v.name in present]
-    if len(infos) != len(graph.value_info):
-        del graph.value_info[:]
-        graph.value_info.extend(infos)
 
 
 def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True) -> Tuple[List[BlockReport], List[str]]:
@@ -567,13 +132,13 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
         model.ir_version = max(ir_version, 4)
     try:
         # NaN or inf in weights and statistics is arithmetic, not an error: non-finite fused
-        # weights leave their block unfused (Fuser._check_dtype), and numpy prints no warning.
+        # weights leave their block unfused (Analyser._check_dtype), and numpy prints no warning.
         with np.errstate(all="ignore"):
             result = _fuse_passes(model, options, write)
     finally:
         model.ir_version = ir_version
     if ir_version < 4:
-        _list_as_inputs(graph, [t for t in graph.initializer if t.name not in initializers_before])
+        list_as_inputs(graph, [t for t in graph.initializer if t.name not in initializers_before])
     return result
 
 
@@ -582,12 +147,12 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
     made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
     last: List[Decision] = []
     for _ in range(MAX_PASSES):
-        fuser = Fuser(model, options)
-        last = fuser.decisions()
+        analyser = Analyser(model, options)
+        last = analyser.decisions()
         if not write:
             fused.extend(d.report for d in reversed(last) if d.report.fused)   # graph order
             break
-        applied = fuser.apply(last)
+        applied = apply(analyser, last)
         for d, new_nodes in reversed(applied):
             _take_in_absorbed(d.report, made, fused)
             made.update((n.name, d.report) for n in new_nodes)
@@ -609,39 +174,6 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
             notes.append(f"dropped {dropped} value_info entr{'y' if dropped == 1 else 'ies'} whose shapes the graph "
                          f"does not guarantee (a runtime that trusts them can fail on the rewritten graph)")
     return fused + left, notes
-
-
-def drop_unvouched_value_info(model: onnx.ModelProto) -> int:
-    """Keep the value_info entries the guaranteed shapes agree with (static_shapes: declared
-    input dims and initializers, inferred): an entry is dropped when it names a static dim the
-    graph does not guarantee or contradicts, or another element type. A file may carry stale
-    entries from an earlier export; onnxruntime's memory planner trusts them, and a rewritten
-    graph (its nodes in another order) can fail where the original ran by luck."""
-    shapes = static_shapes(model)
-    keep = [info for info in model.graph.value_info if _vouched(info, shapes.get(info.name))]
-    dropped = len(model.graph.value_info) - len(keep)
-    if dropped:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(keep)
-    return dropped
-
-
-def _vouched(info: onnx.ValueInfoProto, known) -> bool:
-    if not info.type.HasField("tensor_type"):
-        return True
-    t = info.type.tensor_type
-    if known is None:
-        return not t.HasField("shape") or all(not d.HasField("dim_value") for d in t.shape.dim)
-    dims, dtype = known
-    if t.elem_type and dtype is not None and onnx.helper.tensor_dtype_to_np_dtype(t.elem_type) != dtype:
-        return False
-    if not t.HasField("shape"):
-        return True
-    if dims is None:
-        return all(not d.HasField("dim_value") for d in t.shape.dim)
-    if len(t.shape.dim) != len(dims):
-        return False
-    return all(not d.HasField("dim_value") or d.dim_value == g for d, g in zip(t.shape.dim, dims))
 
 
 def _take_in_absorbed(report: BlockReport, made: Dict[str, BlockReport], fused: List[BlockReport]) -> None:
@@ -674,13 +206,5 @@ def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions, created: Se
         if not done:
             break
     if pairs:
-        _remove_dead(graph, list(graph.node), read_before, options.initializers_as_constants)
+        remove_dead(graph, list(graph.node), read_before, options.initializers_as_constants)
     return pairs
-
-
-def _list_as_inputs(graph: onnx.GraphProto, initializers: Sequence[onnx.TensorProto]) -> None:
-    """IR < 4: every initializer is also a graph input, with its type and shape."""
-    listed = {i.name for i in graph.input}
-    for t in initializers:
-        if t.name not in listed:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

@@ -6,7 +6,7 @@ Transpose, zero Pad, Sum of terms); the walk stops at a Leaf: a graph input, or 
 output of an op that is not linear. A tensor with several consumers (or a graph
 output) is marked Shared and walked through once more, so that the block input can be
 found beyond it. Which tensor is the block's input, and whether the tree is exact, is
-decided later (linear.py, rewrite.py): the walk itself never rejects, it records
+decided later (linear.py, analyse.py): the walk itself never rejects, it records
 problems on the ops so the report can name them.
 
 The op vocabulary is the table `HANDLERS`; new term kinds (AveragePool, sequential
@@ -43,7 +43,7 @@ class Leaf(Expr):
 @dataclass
 class Shared(Expr):
     """A tensor with several consumers (or a graph output): the block input, or inside the block
-    only when every consumer is inside it too (rewrite.Fuser.exclusivity)."""
+    only when every consumer is inside it too (analyse.Analyser.exclusivity)."""
     input: Expr = None
     reason: str = ""
 
@@ -189,7 +189,7 @@ class Walker:
     def _walk(self, tensor: str, root: bool, depth: int, shared: bool) -> Expr:
         index = self.index
         if not root:
-            consumers = index.value_fan_out(tensor)   # shape readers are checked by rewrite.Fuser.exclusivity
+            consumers = index.value_fan_out(tensor)   # shape readers are checked by analyse.Analyser.exclusivity
             if tensor in index.outputs or consumers > 1:
                 reason = f"'{tensor}' is a graph output" if tensor in index.outputs else \
                     f"'{tensor}' has {consumers} consumers"

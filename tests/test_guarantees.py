@@ -119,7 +119,7 @@ def test_block_input_of_unknown_shape_is_checked_at_the_weights_channels():
 def test_block_check_covers_every_stride_residue():
     """On a dynamic size the block is run alone at one size per residue modulo its stride."""
     from reparam_onnx.geometry import ConvGeometry
-    from reparam_onnx.rewrite import check_sizes
+    from reparam_onnx.check import check_sizes
     g = ConvGeometry((3, 3), (7, 2), (1, 1), (1, 1), (1, 1))
     sizes = check_sizes((None, 10), g)
     assert len(sizes) == 7 and {h % 7 for h, _ in sizes} == set(range(7)) and {w for _, w in sizes} == {10}

@@ -758,5 +758,5 @@ def test_block_check_catches_a_guessed_size(permissive_rules, case):
 
 # Engine bug found by test_written_blocks_are_exact_at_every_size (random seeds): the rewrite kept
 # the input's stale value_info, which onnxruntime's memory planner trusted, and a correct fusion
-# failed to run. Fixed by rewrite.drop_unvouched_value_info; the minimal example is
+# failed to run. Fixed by edit.drop_unvouched_value_info; the minimal example is
 # test_guarantees.py::test_stale_value_info_is_dropped_once_the_graph_is_rewritten.

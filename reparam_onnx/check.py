@@ -1,0 +1,79 @@
+"""The block check: a fused block run alone in onnxruntime against the nodes it replaces.
+
+The block's input takes the channels its weights read and, on a dynamic spatial axis, one
+size per residue modulo the block's stride; parameters the block computes from a shape
+(Reshape to Shape(t)) are computed in the check too.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .analyse import Analyser, Decision
+from .linear import Context
+from .verify import check_block, random_array
+
+
+def check_alone(analyser: Analyser, d: Decision, nodes, new_nodes, new_params, order) -> bool:
+    """Run the block and its replacement alone on random inputs; unfuse the block when they differ.
+    A parameter computed from the shape of a tensor of the block (Reshape to Shape(t)) is
+    computed in the check too: its nodes run with the block's."""
+    source, output = d.report.input, d.expr.tensor
+    produced = {o for n in nodes for o in n.output}
+    params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
+    dying = None
+    for name in sorted(params):
+        if analyser.index.try_value(name) is None and name in analyser.index.producer:
+            dying = analyser._parameter_nodes(nodes, source) if dying is None else dying
+            node = analyser.index.producer[name]
+            if id(node) in dying and all(i in produced or analyser.index.try_value(i) is not None for i in node.input if i):
+                nodes = sorted(list(nodes) + [node], key=lambda n: order[id(n)])
+                produced.update(node.output)
+    params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
+    try:
+        values = {name: np.asarray(analyser.index.value(name)) for name in params}
+    except Exception as exc:  # a parameter that folded before must fold again; say so if not
+        d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
+        return False
+    dtype = analyser.shapes.get(source, (None, None))[1] or d.dtype
+    try:
+        runs = check_inputs(d.ctx, d.value.geometry, analyser.shapes.get(source, (None, None))[0], dtype,
+                            analyser.options.seed)
+    except ValueError as exc:
+        d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
+        return False
+    result = check_block(source, dtype, output, (nodes, values), (new_nodes, new_params), analyser.model, runs,
+                         analyser.options.seed, analyser.options.rtol, analyser.options.atol)
+    d.report.check = result.worst
+    if not result.passed:
+        d.report.fused, d.report.code = False, "check"
+        d.report.reason = (f"the block run alone differs from its fused conv: max|Δ|/max|ref| = "
+                           f"{result.worst:.2e} > rtol {result.tolerance['rtol']:.0e}"
+                           if result.ran else f"isolated check could not run: {result.message}")
+    return result.passed
+
+
+def check_sizes(spatial: Optional[Sequence[Optional[int]]], geometry) -> List[tuple]:
+    """Canonical spatial sizes to run a fused block alone at: its static size; on a dynamic
+    axis, sizes from one its taps can read, covering every residue modulo the stride (and
+    both parities), since that is what a conv's output grid depends on."""
+    rank = geometry.rank
+    spatial = tuple(spatial) if spatial is not None else (None,) * rank
+    dynamic = [a for a in range(rank) if spatial[a] is None]
+    count = max([geometry.strides[a] for a in dynamic] + [2]) if dynamic else 1
+    return [tuple(spatial[a] if spatial[a] is not None else geometry.extent(a) + geometry.strides[a] + r
+                  for a in range(rank)) for r in range(count)]
+
+
+def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[str, np.ndarray]]:
+    """Random inputs for the block input at check_sizes: channels from the weights (ctx), batch
+    from the graph where static (else 1), laid out as the graph has it."""
+    rng = np.random.default_rng(seed)
+    batch = dims[ctx.layout.index(0)] if dims is not None and len(dims) == len(ctx.layout) else None
+    runs = []
+    for size in check_sizes(ctx.spatial, geometry):
+        canonical = (batch or 1, ctx.channels) + size
+        actual = [canonical[axis] for axis in ctx.layout]
+        runs.append({ctx.source: random_array(actual, dtype, rng, ctx.source)})
+    return runs
