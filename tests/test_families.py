@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import numpy as np
 import onnx
 import pytest
 
-from conftest import FIXTURES, max_rel_error, run_model
+from conftest import FIXTURES, load_npz, max_rel_error, run_model
 from reparam_onnx import fuse_with_report
 
 FAMILIES = FIXTURES / "families"
@@ -48,7 +47,7 @@ def test_exact_family_fuses_to_deploy_form(family, variant):
     assert not result.report.unfused, [b.reason for b in result.report.unfused]
     assert result.report.verification.passed
 
-    io = np.load(FAMILIES / f"{family}.io.npz")
+    io = load_npz(FAMILIES / f"{family}.io.npz")
     original = onnx.load(str(path))
     feeds = {original.graph.input[0].name: io["input"]}
     (out,) = run_model(result.model, feeds).values()
@@ -69,7 +68,7 @@ def test_inexact_family_keeps_its_unsafe_step(family, variant):
     assert any(b.reason for b in result.report.blocks), \
         f"no block names why it stays ({info['condition']})"
 
-    io = np.load(FAMILIES / f"{family}.io.npz")
+    io = load_npz(FAMILIES / f"{family}.io.npz")
     feeds = {original.graph.input[0].name: io["input"]}
     (out,) = run_model(result.model, feeds).values()
     assert max_rel_error(io["output_f64"], out) <= 1e-5
