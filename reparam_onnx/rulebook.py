@@ -18,7 +18,7 @@ else:  # pragma: no cover
 
 from .linear import Context
 from .linear import top_terms
-from .terms import Affine, AvgPool, Conv, Expr, Pad, Regroup, Shared, Transpose
+from .terms import Affine, AvgPool, Conv, Expr, Pad, Regroup, Scatter, Shared, Transpose
 
 TERM_KINDS = ("conv", "identity", "chain", "avgpool", "linear")
 KERNEL_KINDS = ("conv", "chain", "avgpool")   # the kinds `kernel` and `size` apply to (a chain: its last op)
@@ -133,7 +133,7 @@ def _strip_affine(expr: Expr, source: str):
     """Affine layers on top of expr (no-ops, layout changes, padding and shared tensors inside
     the block are looked through) and the expression below them."""
     kinds = []
-    while isinstance(expr, (Affine, Transpose, Pad, Shared, Regroup)) and expr.tensor != source:
+    while isinstance(expr, (Affine, Transpose, Pad, Shared, Regroup, Scatter)) and expr.tensor != source:
         if isinstance(expr, Affine) and expr.kind not in ("noop", "bias"):   # a Gemm's bias is the Gemm's
             kinds.append(expr.kind)
         expr = expr.input
