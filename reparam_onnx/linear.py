@@ -606,6 +606,8 @@ def evaluate_block(expr: Expr, ctx: Context) -> ConvMap:
     value = evaluate(expr, ctx)
     if not isinstance(value, ConvMap):
         raise NotExact("the block has no conv", code="not_linear")
+    if value.pads is not None or value.writes is not None:   # one conv cannot end in a padding
+        raise NotExact("the block ends in a padding after its last conv", code="border")
     _check_cost(value, block_weights(expr, ctx), ctx)
     return value
 

@@ -589,5 +589,5 @@ HANDLERS: Dict[str, Handler] = {
 }
 
 # Ops that can end a block: the walk starts from their outputs.
-ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv", "Gemm", "MatMul", "Flatten",
-                      "Reshape"})
+ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv", "Gemm",
+                      "MatMul", "Flatten", "Reshape", "AveragePool"})
