@@ -97,20 +97,26 @@ class Analyser:
         # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
         # conv, or compose two convs); when that fails, the chain from the outermost conv's input.
         conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
-        shorter = None if conv is None or conv.input.tensor == source else self.decide(cut(expr, conv.input.tensor))
+        below = None if conv is None else graph_tensor_below(conv)
+        shorter = None if below is None or below == source else self.decide(cut(expr, below))
         if shorter is not None:
             return shorter if shorter.report.fused or self._worth_reporting(expr, decision) else decision
         return decision if self._worth_reporting(expr, decision) else None
 
     @staticmethod
     def _worth_reporting(expr: Expr, decision: Decision) -> bool:
-        """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv):
-        convs in sequence that would cost more merged, or do not merge, are just a network."""
+        """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv)
+        and fails a condition of such a fold: always for a BatchNormalization; for another affine op,
+        unless it is not per-channel (an attention mask) or in a layout no Linear keeps. Convs in
+        sequence that would cost more merged, or do not merge, are just a network."""
         if decision.report.fused:
             return True
-        if decision.exact and decision.report.code == "cost":
+        if decision.report.code == "cost":
             return False
-        return any(isinstance(op, Affine) for op in chain_ops(expr))
+        affine = [op for op in chain_ops(expr) if isinstance(op, Affine)]
+        if any(op.kind == "batchnorm" for op in affine):
+            return True
+        return bool(affine) and decision.report.code not in ("channels", "layout", "shape", "not_linear")
 
     def _decide_from(self, expr: Expr, source: str) -> Decision:
         ctx, failure = self.context(expr, source)
@@ -283,6 +289,15 @@ def as_linear(value: ConvMap, ctx: Context, expr: Expr) -> bool:
     last = (0,) + tuple(range(2, rank + 2)) + (1,) if rank else (0, 1)
     linear = any(isinstance(e, Conv) and e.linear for e in block_exprs(expr, ctx.source))
     return linear and value.geometry.is_pointwise and value.group == 1 and ctx.layout == last and value.layout == last
+
+
+def graph_tensor_below(op: Expr) -> Optional[str]:
+    """The tensor of the graph an op reads: its input, or below the exprs internal to its node
+    (a MatMul's Transpose to channels first has no tensor of its own); None past the walk."""
+    e = op.input
+    while not e.nodes and not isinstance(e, (Leaf, Shared)):
+        e = e.input
+    return e.tensor
 
 
 def _top_nodes(expr: Expr, whole_bag: bool = False) -> List[onnx.NodeProto]:
