@@ -200,10 +200,12 @@ def survey(names, out: Path):
             setting = "cf" if fold else "nocf"
             path = out / f"{name}.{setting}.onnx"
             export(model, path, fold, size)
-            native = None
+            native = native_ops = None
             if deploy is not None:
-                export(deploy, out / "deploy.onnx", fold, size)
-                native = len(onnx.load(str(out / "deploy.onnx")).graph.node)
+                deploy_path = out / f"{name}.{setting}.deploy.onnx"
+                export(deploy, deploy_path, fold, size)
+                native_ops = Counter(n.op_type for n in onnx.load(str(deploy_path)).graph.node)
+                native = sum(native_ops.values())
             try:
                 report = fuse_with_report(str(path)).report
                 failure = None
@@ -230,8 +232,13 @@ def survey(names, out: Path):
             flag = " ABOVE deploy form" if native is not None and after > native else ""
             print(f"{path.name} [{size}px]: fused {report.per_rule()}; nodes {before}→{after}{native_text}{flag}; "
                   f"verification {verdict}", flush=True)
+            if flag:   # which ops the fused graph has more of than the deploy form
+                diff = Counter(report.ops_after)
+                diff.subtract(native_ops)
+                print("    ops against the deploy form: " + ", ".join(
+                    f"{op} {n:+d}" for op, n in sorted(diff.items(), key=lambda kv: -abs(kv[1])) if n), flush=True)
             reasons = Counter(re.sub(r"'[^']*'", "'…'", b.reason) for b in report.unfused)
-            for reason, n in reasons.most_common():
+            for reason, n in reasons.most_common():   # quoted names elided: one line per kind
                 print(f"    left {n}: {reason}")
             for note in report.notes:
                 print(f"    note: {note}")
