@@ -1,8 +1,8 @@
 """The block check: a fused block run alone in onnxruntime against the nodes it replaces.
 
 The block's input takes the channels its weights read and, on a dynamic spatial axis, one
-size per residue modulo the block's stride; parameters the block computes from a shape
-(Reshape to Shape(t)) are computed in the check too.
+size per residue modulo the block's stride; parameters the block computes from shapes or
+from its input are computed in the check too.
 """
 from __future__ import annotations
 
@@ -16,20 +16,10 @@ from .verify import check_block, random_array
 
 
 def check_alone(analyser: Analyser, d: Decision, nodes, new_nodes, new_params, order) -> bool:
-    """Run the block and its replacement alone on random inputs; unfuse the block when they differ.
-    A parameter computed from the shape of a tensor of the block (Reshape to Shape(t)) is
-    computed in the check too: its nodes run with the block's."""
+    """Run the block and its replacement alone on random inputs; unfuse the block when they differ."""
     source, output = d.report.input, d.expr.tensor
+    nodes = _with_computed_parameters(analyser, nodes, source, order)
     produced = {o for n in nodes for o in n.output}
-    params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
-    dying = None
-    for name in sorted(params):
-        if analyser.index.try_value(name) is None and name in analyser.index.producer:
-            dying = analyser._parameter_nodes(nodes, source) if dying is None else dying
-            node = analyser.index.producer[name]
-            if id(node) in dying and all(i in produced or analyser.index.try_value(i) is not None for i in node.input if i):
-                nodes = sorted(list(nodes) + [node], key=lambda n: order[id(n)])
-                produced.update(node.output)
     params = {i for n in nodes for i in n.input if i and i != source and i not in produced}
     try:
         values = {name: np.asarray(analyser.index.value(name)) for name in params}
@@ -77,3 +67,28 @@ def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[st
         actual = [canonical[axis] for axis in ctx.layout]
         runs.append({ctx.source: random_array(actual, dtype, rng, ctx.source)})
     return runs
+
+
+def _with_computed_parameters(analyser: Analyser, nodes, source: str, order) -> list:
+    """The block's nodes, and those of the parameters it computes from shapes or from its input
+    (Reshape to Shape(t); DBB's border values Expand-ed to Shape(x)): nodes outside the block
+    that die with it (Analyser._parameter_nodes) and read only constants, the block's tensors,
+    its input, or one another. They run in the check as they run in the model."""
+    index = analyser.index
+    produced = {o for n in nodes for o in n.output} | {source}
+    dying = None
+    added = True
+    while added:
+        added = False
+        params = sorted({i for n in nodes for i in n.input if i and i not in produced})
+        for name in params:
+            if index.try_value(name) is not None or name not in index.producer:
+                continue
+            dying = analyser._parameter_nodes(nodes, source) if dying is None else dying
+            node = index.producer[name]
+            if id(node) in dying and all(i in produced or index.try_value(i) is not None
+                                         or id(index.producer.get(i)) in dying for i in node.input if i):
+                nodes = sorted(list(nodes) + [node], key=lambda n: order[id(n)])
+                produced.update(node.output)
+                added = True
+    return nodes

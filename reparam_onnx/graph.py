@@ -114,6 +114,8 @@ class GraphIndex:
             return _constant_value(node)
         if node.op_type == "Identity":
             return self._compute(node.input[0], depth + 1)
+        if node.op_type == "Gather" and getattr(self.producer.get(node.input[0]), "op_type", None) == "Shape":
+            return self._gather_dims(node, name, depth)
         shape_only = _SHAPE_ONLY_INPUTS.get(node.op_type, ())
         feeds = {}
         for pos, inp in enumerate(node.input):
@@ -124,6 +126,26 @@ class GraphIndex:
             else:
                 feeds[inp] = self._compute(inp, depth + 1)
         return _run_node(node, feeds, name, self.opset)
+
+    def _gather_dims(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
+        """Gather(Shape(t), i): the dims picked, when those are static, though others of t are not
+        (the dynamo exporter reads H of a tensor whose batch is dynamic)."""
+        shape_node = self.producer[node.input[0]]
+        info = self.shapes.get(shape_node.input[0])
+        if info is None or info[0] is None or attributes(node).get("axis", 0) != 0:
+            raise NotConstant(f"Gather '{node.name}' reads the shape of '{shape_node.input[0]}', which is unknown")
+        dims = list(info[0])
+        attrs = attributes(shape_node)
+        start, end = (int(attrs.get(k, d)) for k, d in (("start", 0), ("end", len(dims))))
+        dims = dims[slice(start, end)]
+        indices = np.asarray(self._compute(node.input[1], depth + 1))
+        try:
+            picked = [dims[int(i)] for i in indices.reshape(-1)]
+        except IndexError:
+            raise NotConstant(f"Gather '{node.name}' indexes past the shape it reads") from None
+        if any(d is None for d in picked):
+            raise NotConstant(f"Gather '{node.name}' picks a dynamic dim of '{shape_node.input[0]}'")
+        return np.array(picked, np.int64).reshape(indices.shape)
 
     def _shape_stand_in(self, node: onnx.NodeProto, name: str) -> np.ndarray:
         """A zero array with the activation's static shape and dtype, for ops that read only those."""

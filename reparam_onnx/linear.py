@@ -22,7 +22,7 @@ import numpy as np
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
 from .geometry import compose as compose_geometry
-from .terms import Affine, AvgPool, Conv, Expr, Leaf, Pad, Regroup, Shared, Sum, Transpose, block_exprs
+from .terms import Affine, AvgPool, Conv, Expr, Leaf, Pad, Regroup, Scatter, Shared, Sum, Transpose, block_exprs
 
 
 MAX_MERGED_WEIGHTS = 1 << 26   # a merged kernel is never larger than this, even when asked
@@ -52,6 +52,7 @@ class Diag:
     pads: Optional[Tuple[tuple, tuple]] = None     # (begin per spatial axis, end per spatial axis)
     border: Optional[np.ndarray] = None            # the value of every padded position, per channel
     regroup: Optional[Regroup] = None              # the last Flatten/Reshape it went through (channels last)
+    writes: Optional[dict] = None                  # ring slices written so far: (canonical axis, index) → value
 
     def at_zero(self) -> Optional[np.ndarray]:
         """What the map gives a zero input, per channel: the value a padded input position takes
@@ -70,6 +71,7 @@ class ConvMap:
     pads: Optional[Tuple[tuple, tuple]] = None
     border: Optional[np.ndarray] = None
     regroup: Optional[Regroup] = None
+    writes: Optional[dict] = None
 
     @property
     def out_channels(self) -> int:
@@ -230,6 +232,8 @@ def evaluate(expr: Expr, ctx: Context):
         raise NotExact(f"a branch does not reach the block input: {expr.reason}", code="not_linear")
     if isinstance(expr, Regroup):
         return _evaluate_regroup(expr, ctx)
+    if isinstance(expr, Scatter):
+        return _evaluate_scatter(expr, ctx)
     if isinstance(expr, Transpose):
         inner = evaluate(expr.input, ctx)
         _not_regrouped(inner, expr)
@@ -259,6 +263,8 @@ def _evaluate_affine(expr: Affine, ctx: Context):
     inner = evaluate(expr.input, ctx)
     if expr.kind == "noop":
         return inner
+    if inner.writes is not None:
+        _plain(inner, expr)
     channels = _channels(inner, ctx)
     # where the channels are: the layout's axis for C, or the last axis of a regrouped tensor
     axis, rank = (inner.regroup.rank - 1, inner.regroup.rank - 2) if inner.regroup else (inner.layout.index(1), ctx.rank)
@@ -280,6 +286,7 @@ def _evaluate_regroup(expr: Regroup, ctx: Context):
     the map commutes with it. The output shape is proven once, for the whole block (evaluate_block)."""
     inner = evaluate(expr.input, ctx)
     name = _name(expr)
+    _plain(replace(inner, regroup=None), expr)
     if inner.pads is not None or isinstance(inner, ConvMap) and not inner.geometry.is_pointwise:
         raise NotExact(f"{expr.nodes[0].op_type} '{name}' regroups positions after a map that mixes them", code="layout", nodes=_names(expr))
     if inner.regroup is None and inner.layout.index(1) != len(inner.layout) - 1:
@@ -289,6 +296,58 @@ def _evaluate_regroup(expr: Regroup, ctx: Context):
     if last != channels or expr.target is not None and expr.target.count(-1) > 1:
         raise NotExact(f"{expr.nodes[0].op_type} '{name}' does not keep the {channels} channels as its last axis", code="channels", nodes=_names(expr))
     return replace(inner, regroup=expr)
+
+
+def _evaluate_scatter(expr: Scatter, ctx: Context):
+    """Slices of the padding overwritten with a per-channel value v. Once every slice of the
+    padding ring (every padded index of every spatial axis, both sides) holds v, the padding is
+    v: the ring is the union of those slices. Until then only more such writes may follow."""
+    inner = evaluate(expr.input, ctx)
+    name = _name(expr)
+    if inner.pads is None or inner.regroup is not None:
+        raise NotExact(f"ScatterND '{name}' writes into a tensor that is not padded", code="not_linear",
+                       nodes=_names(expr))
+    axis = inner.layout[0]   # the canonical axis the written slices run along
+    spatial = _spatial(inner, ctx)
+    if axis < 2 or spatial is None or spatial[axis - 2] is None:
+        raise NotExact(f"ScatterND '{name}' writes slices of {'a non-spatial axis' if axis < 2 else 'a dynamic axis'}",
+                       code="border", nodes=_names(expr))
+    channels = _channels(inner, ctx)
+    value, c_axis = expr.value, inner.layout.index(1)
+    for a in range(value.ndim):   # constant along every axis but the channels': per channel
+        if a != c_axis and value.shape[a] != 1:
+            if not np.all(value == value.take([0], axis=a)):
+                raise NotExact(f"ScatterND '{name}' writes values that are not one per channel", code="border",
+                               nodes=_names(expr))
+            value = value.take([0], axis=a)
+    if value.size not in (1, channels):
+        raise NotExact(f"ScatterND '{name}' writes {value.size} values for {channels} channels", code="channels",
+                       nodes=_names(expr))
+    v = np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float64)
+    length, (begin, end) = spatial[axis - 2], (inner.pads[0][axis - 2], inner.pads[1][axis - 2])
+    writes = dict(inner.writes or {})
+    for row in expr.rows:
+        row = row + length if row < 0 else row
+        if begin <= row < length - end or not 0 <= row < length:
+            raise NotExact(f"ScatterND '{name}' writes index {row} of a padded axis of length {length}, "
+                           f"outside its padding", code="border", nodes=_names(expr))
+        writes[(axis, row)] = v
+    ring = {(a + 2, i) for a, n in enumerate(spatial) for i in range(n or 0)
+            if i < inner.pads[0][a] or i >= (n or 0) - inner.pads[1][a]}
+    if set(writes) != ring:
+        return replace(inner, writes=writes)
+    values = list(writes.values())
+    if not all(_same_values(values[0], other, ctx.eps) for other in values[1:]):
+        raise NotExact(f"ScatterND '{name}' leaves a padding of several values", code="border", nodes=_names(expr))
+    return replace(inner, border=values[0], writes=None)
+
+
+def _plain(inner, expr: Expr) -> None:
+    """Ops other than Transpose need a padding written whole (or not at all) and no regrouping."""
+    if inner.writes is not None:
+        raise NotExact(f"{expr.nodes[0].op_type if expr.nodes else 'an op'} '{_name(expr)}' reads a padding that "
+                       f"is written only in part", code="border", nodes=_names(expr))
+    _not_regrouped(inner, expr)
 
 
 def _not_regrouped(inner, expr: Expr) -> None:
@@ -322,7 +381,7 @@ def _evaluate_pad(expr: Pad, ctx: Context):
     if expr.problem:
         raise NotExact(expr.problem, code="operand", nodes=_names(expr))
     inner = evaluate(expr.input, ctx)
-    _not_regrouped(inner, expr)
+    _plain(inner, expr)
     if len(expr.pads) != len(inner.layout):
         raise NotExact("a Pad of a different rank", code="layout", nodes=_names(expr))
     # actual axis i is canonical axis layout[i]
@@ -395,7 +454,7 @@ def _apply_conv(expr: Expr, weight: np.ndarray, bias: Optional[np.ndarray], attr
     (zeros) move before `inner`'s map, where a padded position is zero and the map gives it at_zero():
     exact when that is the padding value (the border for a Pad, zero for the conv's own)."""
     name = _name(expr)
-    _not_regrouped(inner, expr)
+    _plain(inner, expr)
     if weight.ndim - 2 != ctx.rank:
         raise NotExact(f"{expr.nodes[0].op_type} '{name}' has a different spatial rank than the block", code="geometry", nodes=_names(expr))
     if inner.layout != ctx.canonical:
@@ -501,8 +560,8 @@ def _evaluate_sum(expr: Sum, ctx: Context):
 def _sum_terms(values, ctx: Context):
     """Σ sign·value: Diags add up; with a conv, every term becomes a kernel placed in one."""
     for _, v in values:
-        if v.regroup is not None:
-            raise NotExact("a Flatten/Reshape inside a branch of a sum", code="layout")
+        if v.regroup is not None or v.writes is not None:
+            raise NotExact("a Flatten/Reshape, or a padding written in part, inside a branch of a sum", code="layout")
     layouts = {v.layout for _, v in values}
     if len(layouts) != 1:
         raise NotExact("the branches are summed in different layouts", code="layout")

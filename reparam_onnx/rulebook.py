@@ -18,9 +18,9 @@ else:  # pragma: no cover
 
 from .linear import Context
 from .linear import top_terms
-from .terms import Affine, AvgPool, Conv, Expr, Pad, Regroup, Shared, Transpose
+from .terms import Affine, AvgPool, Conv, Expr, Pad, Regroup, Scatter, Shared, Transpose
 
-TERM_KINDS = ("conv", "identity", "chain", "avgpool")
+TERM_KINDS = ("conv", "identity", "chain", "avgpool", "linear")
 KERNEL_KINDS = ("conv", "chain", "avgpool")   # the kinds `kernel` and `size` apply to (a chain: its last op)
 KERNELS = ("any", "1x1", "square", "1xk", "kx1")
 POST_KINDS = ("batchnorm", "affine")
@@ -133,7 +133,7 @@ def _strip_affine(expr: Expr, source: str):
     """Affine layers on top of expr (no-ops, layout changes, padding and shared tensors inside
     the block are looked through) and the expression below them."""
     kinds = []
-    while isinstance(expr, (Affine, Transpose, Pad, Shared, Regroup)) and expr.tensor != source:
+    while isinstance(expr, (Affine, Transpose, Pad, Shared, Regroup, Scatter)) and expr.tensor != source:
         if isinstance(expr, Affine) and expr.kind not in ("noop", "bias"):   # a Gemm's bias is the Gemm's
             kinds.append(expr.kind)
         expr = expr.input
@@ -162,7 +162,10 @@ def _term_shape(expr: Expr, ctx: Context) -> TermShape:
     if not ops or below.tensor != ctx.source:
         return TermShape(type(below).__name__.lower())
     last = ops[0]
-    kind = "chain" if len(ops) > 1 else "avgpool" if isinstance(last, AvgPool) else "conv"
+    if len(ops) > 1:
+        kind = "chain"
+    else:
+        kind = "avgpool" if isinstance(last, AvgPool) else "linear" if last.linear else "conv"
     kernel = last.kernel if isinstance(last, AvgPool) else tuple(last.weight.shape[2:])
     group = last.group if isinstance(last, Conv) else ctx.channels
     return TermShape(kind, kernel, group, bn=bool(kinds), pre=bool(pre),

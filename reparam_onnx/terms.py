@@ -116,6 +116,19 @@ class Regroup(Expr):
 
 
 @dataclass
+class Scatter(Expr):
+    """ScatterND writing one per-channel constant into whole slices along the tensor's first axis
+    (indices of shape [k, 1]), as exporters write DBB's BNAndPadLayer borders: `rows` the slices,
+    `value` the constant as the updates are laid out (size 1 on every axis but maybe the channels')."""
+    input: Expr = None
+    rows: tuple = ()
+    value: Optional[np.ndarray] = None
+
+    def children(self):
+        return [self.input]
+
+
+@dataclass
 class Transpose(Expr):
     """A layout change: output axis i is input axis perm[i]."""
     input: Expr = None
@@ -439,6 +452,54 @@ def _before_any_regroup(expr: Expr, tensor: str) -> bool:
     return found or e.tensor == tensor
 
 
+def _scatter_nd(w: Walker, node, tensor, depth):
+    """ScatterND(data, constant [k, 1] indices, a constant broadcast by Expand and Transposes)."""
+    reduction = attributes(node).get("reduction", "none")
+    if (reduction.decode() if isinstance(reduction, bytes) else reduction) != "none":
+        return None
+    indices = w.const(node.input[1])
+    dims = w.index.shapes.get(node.input[0], (None, None))[0]
+    if indices is None or indices.ndim != 2 or indices.shape[1] != 1 or dims is None:
+        return None
+    value = _broadcast_constant(w, node.input[2], len(dims))
+    if value is None:
+        return None
+    return Scatter(tensor, [node], input=w.input(node.input[0], depth),
+                   rows=tuple(int(r) for r in indices.reshape(-1)), value=value)
+
+
+def _broadcast_constant(w: Walker, name: str, rank: int) -> Optional[np.ndarray]:
+    """The constant c that `name` broadcasts (Expand(c, any shape), then Transposes), laid out as
+    `name` is and padded to `rank` axes; None when `name` is not such a value."""
+    perms = []
+    while True:
+        value = w.const(name)
+        if value is not None:
+            break
+        node = w.index.producer.get(name)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Transpose" and attributes(node).get("perm") is not None:
+            perms.append(tuple(attributes(node)["perm"]))
+            name = node.input[0]
+        elif node.op_type == "Expand":
+            value = w.const(node.input[0])
+            if value is None:
+                return None
+            break
+        else:
+            return None
+    value = np.asarray(value, np.float64)
+    if value.ndim > rank:
+        return None
+    value = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    for perm in reversed(perms):   # the innermost Transpose first
+        if len(perm) != rank:
+            return None
+        value = np.transpose(value, perm)
+    return value
+
+
 def _transpose(w: Walker, node, tensor, depth):
     perm = attributes(node).get("perm")
     if perm is None:
@@ -524,6 +585,7 @@ HANDLERS: Dict[str, Handler] = {
     "MatMul": _matmul,
     "Flatten": _flatten,
     "Reshape": _reshape,
+    "ScatterND": _scatter_nd,
 }
 
 # Ops that can end a block: the walk starts from their outputs.

@@ -144,6 +144,12 @@ def random_feeds(model: onnx.ModelProto, seed: int = 1, dynamic: int = 2) -> Dic
     return feeds
 
 
+def load_npz(path) -> Dict[str, np.ndarray]:
+    """Every array of an .npz, read now, the file closed (np.load alone keeps it open)."""
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
+
+
 def op_counts(model: onnx.ModelProto) -> Dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import numpy as np
 import pytest
 
-from conftest import FIXTURES, max_rel_error, run_model
+from conftest import FIXTURES, load_npz, max_rel_error, run_model
 from reparam_onnx import fuse_with_report
 
 FRAMEWORKS = ("tf", "paddle", "jax")
@@ -46,7 +45,7 @@ def test_export_fuses_exactly(framework, entry):
     assert len(result.report.unfused) == unfusable
     assert result.report.verification.passed
 
-    io = np.load(folder / entry["file"].replace(".onnx", ".io.npz"))
+    io = load_npz(folder / entry["file"].replace(".onnx", ".io.npz"))
     feeds = {result.model.graph.input[0].name: io["input"]}
     (out,) = run_model(result.model, feeds).values()
     assert max_rel_error(io["output"], out) <= 1e-5

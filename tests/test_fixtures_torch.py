@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import numpy as np
 import onnx
 import pytest
 
-from conftest import FIXTURES, max_rel_error, run_model
+from conftest import FIXTURES, load_npz, max_rel_error, run_model
 from reparam_onnx import fuse_with_report
 
 TORCH = FIXTURES / "torch"
@@ -33,7 +32,7 @@ def test_export_fuses_to_deploy_form(family, variant, tmp_path):
     assert not result.report.unfused, [b.reason for b in result.report.unfused]
     assert result.report.verification.passed
 
-    io = np.load(TORCH / f"{family}.io.npz")
+    io = load_npz(TORCH / f"{family}.io.npz")
     original = onnx.load(str(path))
     feeds = {original.graph.input[0].name: io["input"]}
     (out,) = run_model(result.model, feeds).values()

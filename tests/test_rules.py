@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import textwrap
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, Builder, fuse_and_check, repvgg_block
@@ -48,8 +49,10 @@ def _block(kind):
         "dbb-neg": lambda: b.add(k3(), k1()),
         "prebn": lambda: b.conv(b.bn(x, c), c, c, (1, 1)),
         "prebn-neg": lambda: b.conv(b.node("Relu", [b.bn(x, c)]), c, c, (1, 1)),
-        # four dense 3×3 branches: MobileOne's stem, which no named rule takes
-        "generic": lambda: b.add(k3(), k3(), k3(), k3(), k1(), b.bn(x, c)),
+        "mobileone_dense": lambda: b.add(k3(), k3(), k3(), k3(), k1(), b.bn(x, c)),
+        "mobileone_dense-neg": lambda: b.add(k3(c), k3(c), k1(c), b.bn(x, c)),     # depthwise: mobileone_dw
+        # 3×3 + 1×3 + 3×1 + 1×1 (ACB with a 1×1 too): no named rule, an exact collapse
+        "generic": lambda: b.add(k3(), conv((1, 3), (0, 1, 0, 1)), conv((3, 1), (1, 0, 1, 0)), k1()),
         "generic-neg": lambda: b.add(k3(), b.conv(b.node("Relu", [x]), c, c, (1, 1))),
     }[kind]()
     return b.model(y), y
@@ -60,10 +63,45 @@ RULE_NAMES = sorted(r.name for r in load_rules())
 
 def test_every_rule_file_has_cases():
     assert RULE_NAMES == sorted({"repvgg", "yolo_repconv", "acb", "mobileone_dw", "mobileone_pw", "replknet",
-                                 "qarepvgg", "conv_bn", "dbb", "prebn", "generic"})
+                                 "qarepvgg", "conv_bn", "dbb", "prebn", "generic", "mobileone_dense", "linear_bn",
+                                 "repvit_head"})
 
 
-@pytest.mark.parametrize("rule", RULE_NAMES)
+LINEAR_RULES = {"linear_bn", "repvit_head"}
+
+
+def _linear_block(kind):
+    """Linear blocks: (model, output name) on [N, 8] features."""
+    b = Builder(seed=len(kind))
+    x = b.input([3, 8])
+
+    def gemm(inp):
+        return b.node("Gemm", [inp, b.const(b.rng.normal(0, 0.5, (5, 8))), b.const(b.rng.normal(0, 0.5, 5), "b")],
+                      transB=1)
+    y = {
+        "linear_bn": lambda: b.bn(gemm(x), 5),
+        "linear_bn-neg": lambda: gemm(b.node("Relu", [b.bn(x, 8)])),
+        "repvit_head": lambda: b.node("Div", [b.add(gemm(b.bn(x, 8)), gemm(b.bn(x, 8))), b.const(np.array(2.0))]),
+        "repvit_head-neg": lambda: b.add(gemm(b.bn(x, 8)), gemm(b.bn(x, 8)), gemm(x)),
+    }[kind]()
+    return b.model(y), y
+
+
+@pytest.mark.parametrize("rule", sorted(LINEAR_RULES))
+def test_linear_positive_case(rule):
+    model, out = _linear_block(rule)
+    result = fuse_and_check(model, {"Gemm": 1, "Add": 0, "BatchNormalization": 0})
+    assert [b.rule for b in result.report.fused if b.output == out] == [rule]
+
+
+@pytest.mark.parametrize("rule", sorted(LINEAR_RULES))
+def test_linear_negative_case(rule):
+    model, out = _linear_block(rule + "-neg")
+    result = fuse_with_report(model)
+    assert rule not in [b.rule for b in result.report.blocks if b.output == out]
+
+
+@pytest.mark.parametrize("rule", sorted(set(RULE_NAMES) - LINEAR_RULES))
 def test_positive_case(rule):
     model, out = _block(rule)
     result = fuse_and_check(model, {"Conv": 1, "Add": 0, "BatchNormalization": 0})
@@ -72,7 +110,7 @@ def test_positive_case(rule):
     assert [(p.key, p.value) for p in conv.metadata_props] == [("reparam_onnx.rule", rule)]
 
 
-@pytest.mark.parametrize("rule", RULE_NAMES)
+@pytest.mark.parametrize("rule", sorted(set(RULE_NAMES) - LINEAR_RULES))
 def test_negative_case(rule):
     model, out = _block(rule + "-neg")
     result = fuse_with_report(model)

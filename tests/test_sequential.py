@@ -288,3 +288,53 @@ def test_reshape_after_a_spatial_conv_stays():
     result = fuse_with_report(b.model(y))
     assert not result.report.fused
     assert any("regroups positions after a map that mixes them" in (r.reason or "") for r in result.report.unfused)
+
+
+# ---------------------------------------------------------------- DBB's BNAndPadLayer: border writes
+
+
+def _border_writes(b: Builder, y: str, value: np.ndarray, size, sides=("top", "bottom", "left", "right"),
+                   rows=None) -> str:
+    """Zero Pad by 1, then the padding ring overwritten with a per-channel value slice by slice,
+    as the dynamo exporter writes DBB's in-place border assignments: Transpose the written axis
+    first, ScatterND one [k, 1] slice index, Transpose back; the updates Expand the value."""
+    h, w = size[0] + 2, size[1] + 2
+    y = _zero_pad(b, y)
+    c = b.const(value.reshape(C, 1, 1))
+    for side in sides:
+        perm = [2, 1, 0, 3] if side in ("top", "bottom") else [3, 1, 2, 0]
+        shape = [2, C, 1, w] if side in ("top", "bottom") else [2, C, h, 1]
+        row = {"top": 0, "bottom": h - 1, "left": 0, "right": w - 1}[side] if rows is None else rows[side]
+        updates = b.node("Transpose", [b.node("Expand", [c, _int_const(b, shape)])], perm=perm)
+        written = b.node("ScatterND", [b.node("Transpose", [y], perm=perm), _int_const(b, [[row]]), updates])
+        y = b.node("Transpose", [written], perm=perm)
+    return y
+
+
+def _dbb_branch(b: Builder, x: str, size, matching=True, **writes):
+    """1×1 conv (with bias t) → border writes of t (or of another value) → 3×3 unpadded, + a 3×3 Conv-BN."""
+    t = b.rng.normal(0, 1, C)
+    first = b.node("Conv", [x, b.const(b.rng.normal(0, 0.5, (C, C, 1, 1))), b.const(t)], kernel_shape=[1, 1])
+    value = t if matching else t + b.rng.uniform(0.5, 1.0, C)
+    chain = b.conv(_border_writes(b, first, value, size, **writes), C, C, (3, 3), pads=(0, 0, 0, 0))
+    return b.add(chain, b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C))
+
+
+@pytest.mark.parametrize("size", [(7, 9), (10, 5)])
+def test_padding_written_slice_by_slice_with_the_bias_is_exact(size):
+    b = Builder(seed=24)
+    x = b.input([2, C] + list(size))
+    fuse_and_check(b.model(_dbb_branch(b, x, size)), {"Conv": 1, "Add": 0, "ScatterND": 0, "Pad": 0})
+
+
+@pytest.mark.parametrize("case,reason", [
+    ({"matching": False}, "not the value its input has at a padded position"),
+    ({"sides": ("top", "bottom", "left")}, "written only in part"),
+    ({"rows": {"top": 0, "bottom": 4, "left": 0, "right": 10}}, "outside its padding"),
+])
+def test_padding_written_otherwise_stays(case, reason):
+    b = Builder(seed=25)
+    size = (7, 9)
+    x = b.input([2, C] + list(size))
+    result = assert_untouched(b.model(_dbb_branch(b, x, size, **case)), reason, identical=False)
+    assert op_counts(result.model)["ScatterND"] == len(case.get("sides", "abcd"))
