@@ -214,7 +214,8 @@ def refuse_clash(what: str, path: PathLike, files: Files) -> None:
 # ---------------------------------------------------------------- saving
 
 def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
-         protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = ()) -> List[Tuple[Path, str]]:
+         protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = (),
+         progress: Optional[Callable[[int, int], None]] = None) -> List[Tuple[Path, str]]:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
@@ -227,6 +228,7 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     (file, why it was kept).
     A replaced file keeps its mode (a new data file takes that of the first file in
     `replaces`); a new file gets 0666 & ~umask, as open() would give it.
+    `progress(done, total)` is told the bytes written so far (model file, or data file then model file).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -240,13 +242,16 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     parts = None if external else serialized_parts(model)
     external = external or parts_size(parts) >= TWO_GIB
     data_path = None
+    count = _Count(progress)
     if external:
         parts = None   # the inline serialization is not used: let its pieces go
         data_path = _data_path(path, protect)
         like = None if data_path.exists() else next(iter(replaces), None)
-        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name), like=like)
+        count.total = sum(map(_raw_size, _externalized(model)))
+        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name, count), like=like)
         parts = serialized_parts(model)
-    write_atomic(path, lambda f: write_parts(model, parts, f))
+    count.total += parts_size(parts)
+    write_atomic(path, lambda f: write_parts(model, parts, f, count))
     kept = []
     for old in map(Path, replaces):
         if data_path is not None and same_file(old, data_path):
@@ -316,11 +321,20 @@ def _folders_up(start: Path, top: Path) -> List[Path]:
     return folders if top in folders else folders + [top]
 
 
-def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
+def _externalized(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    """The initializers _externalize moves to the data file."""
+    return (t for t in model.graph.initializer if t.HasField("raw_data") and _raw_size(t) >= EXTERNAL_THRESHOLD)
+
+
+def _raw_size(tensor: onnx.TensorProto) -> int:
+    """The length of raw_data, from the dims where the type says (reading raw_data copies it)."""
+    length = _raw_length(tensor)
+    return len(tensor.raw_data) if length is None else length
+
+
+def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count") -> None:
     offset = 0
-    for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
-            continue
+    for tensor in _externalized(model):
         pad = (-offset) % 4096
         handle.write(b"\0" * pad)
         offset += pad
@@ -333,6 +347,7 @@ def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
         tensor.data_location = onnx.TensorProto.EXTERNAL
         tensor.ClearField("raw_data")
         offset += len(data)
+        count(len(data))
         del data   # one tensor's bytes at a time
 
 
@@ -380,7 +395,19 @@ def parts_size(parts: Optional[List[Part]]) -> int:
     return sum(map(len, parts or ()))
 
 
-def write_parts(model: onnx.ModelProto, parts: List[Part], handle) -> None:
+class _Count:
+    """Bytes written, told to a progress callback (done, total)."""
+
+    def __init__(self, progress: Optional[Callable[[int, int], None]]):
+        self.progress, self.done, self.total = progress, 0, 0
+
+    def __call__(self, written: int) -> None:
+        self.done += written
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Optional[_Count] = None) -> None:
     """Write the parts, each large tensor's bytes read from the model in turn (one at a time
     in memory); a tensor whose length was mispredicted sends the whole model through
     SerializeToString instead (the file is rewritten from its start)."""
@@ -388,13 +415,15 @@ def write_parts(model: onnx.ModelProto, parts: List[Part], handle) -> None:
         for part in parts:
             if isinstance(part, bytes):
                 handle.write(part)
-                continue
-            data = part.tensor.raw_data
-            if len(data) != part.length:
-                raise _Mismatch(part.tensor.name)
-            handle.write(part.header)
-            handle.write(data)
-            del data
+            else:
+                data = part.tensor.raw_data
+                if len(data) != part.length:
+                    raise _Mismatch(part.tensor.name)
+                handle.write(part.header)
+                handle.write(data)
+                del data
+            if count is not None:
+                count(len(part))
     except _Mismatch:
         handle.seek(0)
         handle.truncate()
