@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import stat
@@ -49,7 +50,7 @@ def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Opt
     if path.stat().st_size == 0:
         raise InputError(f"'{path}' is empty")
     try:
-        model = _parse(path, keep=False)
+        model = _parse(path, take=True)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"'{path}' is not an ONNX model ({_first_line(exc) or type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
@@ -155,41 +156,66 @@ def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: 
 _parsed: Dict[tuple, onnx.ModelProto] = {}
 
 
-def _parse(path: Path, keep: bool) -> onnx.ModelProto:
+def _parse(path: Path, keep: bool = False, take: bool = False) -> onnx.ModelProto:
     """The model in the file, without external data. The command's file checks read the input
-    before load() does: the last parse is kept (keep=True) for the next caller, by file identity
-    (device, inode, size, mtime), so a large model is parsed once; load() takes it (keep=False)."""
+    before load() does: that parse is kept (keep=True, the only one kept) by file identity
+    (device, inode, size, mtime), so a large model is parsed once; load() takes it (take=True:
+    it edits the model). Parsing another file (the output it replaces, other models in its
+    folder) leaves it kept."""
     info = path.stat()
     key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    model = _parsed.pop(key, None)
+    model = _parsed.pop(key, None) if take else _parsed.get(key)
     if model is None:
         model = onnx.load(str(path), load_external_data=False)
-    _parsed.clear()
-    if keep:
-        _parsed[key] = model
+        if keep:
+            _parsed.clear()
+            _parsed[key] = model
     return model
 
 
-def external_locations(path: PathLike) -> Optional[List[Path]]:
+def external_locations(path: PathLike, keep: bool = False) -> Optional[List[Path]]:
     """The data files a model file refers to (as written, relative to its folder), or None
     when the file cannot be read as a model (it might refer to anything). Only a regular
-    file is read: a pipe or a FIFO is left for load() to judge, unread."""
+    file is read: a pipe or a FIFO is left for load() to judge, unread. keep=True: the parse
+    is kept for load() (the input model)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        model = _parse(path, keep=True)
+        model = _parse(path, keep=keep)
     except Exception:  # not a model, unreadable, too large: nothing can be said
         return None
     return [path.parent / entry.value for t in _all_tensors(model.graph) for entry in t.external_data
             if entry.key == "location"]
 
 
+# an external-data entry's key, as every writer serializes it: field 1 (key), 8 bytes, "location"
+_LOCATION = b"\n\x08location"
+
+
+def _replaced_locations(path: Path) -> List[Path]:
+    """The data files of the model at `path` that an output written there replaces ([] when
+    there is none or it is not a model). A file without an external-data entry's bytes
+    anywhere is not parsed: it names no data file (a large inline output would cost a parse)."""
+    if not path.is_file():
+        return []
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return []
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                if view.find(_LOCATION) < 0:
+                    return []
+    except (OSError, ValueError):
+        pass   # let the parse decide
+    return external_locations(path) or []
+
+
 # ---------------------------------------------------------------- the files of a run
 
 def read_files(model: PathLike, extra: Files = ()) -> Files:
     """Every file a run reads: the input model first, then its external data and `extra`."""
-    data = external_locations(model) or []
+    data = external_locations(model, keep=True) or []
     return [(INPUT_MODEL, Path(model))] + [("the input's external data", p) for p in data] + \
         [(what, Path(p)) for what, p in extra]
 
@@ -198,9 +224,9 @@ def written_files(output: PathLike, protect: Sequence[PathLike]) -> Files:
     """Every file writing `output` (with `protect` as save() gets it) may write or replace:
     the model, the data file save() would choose, the data files of the model it replaces."""
     path = Path(output)
-    replaced = external_locations(path) if path.is_file() else []
+    replaced = _replaced_locations(path)
     return [("the output model", path), ("the output's external data", _data_path(path, protect))] + \
-        [("the external data of the output it replaces", p) for p in replaced or []]
+        [("the external data of the output it replaces", p) for p in replaced]
 
 
 def refuse_clash(what: str, path: PathLike, files: Files) -> None:
@@ -270,7 +296,7 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
 def _data_path(path: Path, protect) -> Path:
     """'<output>.data', or the first '<output>.N.data' that is neither protected nor an
     unrelated file; a data file of the output being replaced is reused when nothing else uses it."""
-    own = (external_locations(path) or []) if path.is_file() else []
+    own = _replaced_locations(path)
     for n in range(0, 1000):
         candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
         if any(same_file(candidate, p) for p in protect):

@@ -279,3 +279,41 @@ def test_save_holds_no_second_copy_of_the_model(tmp_path):
     grown = int(out.stdout)
     assert grown < 24, f"saving a 96 MB model raised the peak RSS by {grown} MB"
     assert (tmp_path / "m.onnx").stat().st_size > 96 << 20
+
+
+# ---------------------------------------------------------------- parses of a run
+
+@pytest.mark.parametrize("existing", ["none", "inline", "external"])
+def test_a_run_parses_the_input_once_and_an_inline_output_it_replaces_never(existing, tmp_path, monkeypatch, capfd):
+    """The file checks' parse of the input is the one load() uses, whatever else is looked at;
+    an output being replaced is parsed only when it has external-data entries to find."""
+    from conftest import invoke
+    src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(_repvgg(), str(src))
+    if existing == "inline":
+        onnx.save(_repvgg(seed=1), str(out))
+    elif existing == "external":
+        onnx.save_model(_repvgg(seed=1), str(out), save_as_external_data=True, location="f.onnx.data",
+                        size_threshold=0)
+    parsed = []
+    real = onnx.load
+
+    def counting(path, *args, **kwargs):
+        parsed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(onnx, "load", counting)
+    assert invoke([src, "-o", out, "-q", "--no-verify"]) == 0
+    assert capfd.readouterr().err == ""
+    assert parsed.count("m.onnx") == 1
+    if existing == "external":   # its data file is one the run may replace: it is looked up
+        assert "f.onnx" in parsed
+    else:
+        assert "f.onnx" not in parsed
+
+
+def test_replaced_locations_of_files_that_are_not_models(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 100)
+    (tmp_path / "named.onnx").write_bytes(b"\xff" + io._LOCATION + b"\xff")   # the bytes, not a model
+    for name in ("empty.onnx", "junk.onnx", "named.onnx", "missing.onnx"):
+        assert io._replaced_locations(tmp_path / name) == []
