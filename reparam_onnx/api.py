@@ -41,6 +41,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
                      atol: float = 0.0, inputs: Optional[Dict[str, np.ndarray]] = None,
                      initializers_as_constants: bool = False, write: bool = True,
                      check_blocks: bool = True, allow_larger: bool = False,
+                     disable_rules: Iterable[str] = (),
                      progress: Optional[Callable[[str], None]] = None) -> FuseResult:
     """Fuse every exact, wanted block and say what happened.
 
@@ -52,12 +53,13 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     With check_blocks=True (independent of `verify`) every block is first run alone against
     its fused conv, and left unfused when they differ. A block whose merged conv would have
     more weights (multiply-adds) than its branches stays unless allow_larger=True.
+    `disable_rules` names rules not to use (e.g. "generic": only the named families fuse).
     `progress`, when given, is called with the name of each stage as it starts ("load",
     "analyse and fuse", "verify").
     """
     stage = progress or (lambda name: None)
     try:
-        rulebook = load_rules(rules, builtin=builtin_rules)
+        rulebook = load_rules(rules, builtin=builtin_rules, disabled=disable_rules)
     except RuleError as exc:
         raise InputError(str(exc)) from None
     stage("load")
@@ -150,12 +152,13 @@ def fuse(model: ModelLike, *, verify: bool = True, rules: Iterable[str] = (), bu
          seed: int = 0, rtol: Optional[float] = None, atol: float = 0.0,
          inputs: Optional[Dict[str, np.ndarray]] = None, initializers_as_constants: bool = False,
          write: bool = True, check_blocks: bool = True, allow_larger: bool = False,
+         disable_rules: Iterable[str] = (),
          progress: Optional[Callable[[str], None]] = None) -> onnx.ModelProto:
     """The fused model; see fuse_with_report for the options (the same, spelled out for type checkers)."""
     return fuse_with_report(model, verify=verify, rules=rules, builtin_rules=builtin_rules, seed=seed, rtol=rtol,
                             atol=atol, inputs=inputs, initializers_as_constants=initializers_as_constants,
                             write=write, check_blocks=check_blocks, allow_larger=allow_larger,
-                            progress=progress).model
+                            disable_rules=disable_rules, progress=progress).model
 
 
 def _failure(v: Verification) -> str:

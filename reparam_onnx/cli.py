@@ -122,6 +122,8 @@ def _load_inputs(path: Optional[str]):
               help="Print the whole-model numeric risk figures (float16 range, int8 channel spread).")
 @click.option("--rules", "rule_dirs", multiple=True, type=click.Path(path_type=str),
               help="A folder of extra rule files (*.toml); repeatable.")
+@click.option("--disable-rule", "disabled_rules", multiple=True, metavar="NAME",
+              help="Do not use this rule (e.g. 'generic': only named families fuse); repeatable.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the random verification inputs.")
 @click.option("--rtol", type=click.FloatRange(min=0.0), default=None, help="Relative tolerance (default 1e-5 float32, 1e-3 float16).")
 @click.option("--atol", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="Absolute tolerance added to rtol·max|ref|.")
@@ -156,7 +158,7 @@ def run(*, models, output, out_dir, jobs, quiet, verbose, summary, report_path, 
 
 
 def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow_larger, report_path, rule_dirs,
-            seed, rtol, atol, inputs_path, initializers_as_constants, quiet, verbose, summary,
+            disabled_rules, seed, rtol, atol, inputs_path, initializers_as_constants, quiet, verbose, summary,
             progress=None) -> int:
     """One model, in this process."""
     report, error, code, kept = None, None, EXIT_OK, []
@@ -191,7 +193,7 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
                                   inputs=_load_inputs(inputs_path),
                                   initializers_as_constants=initializers_as_constants,
                                   check_blocks=not no_block_checks, allow_larger=allow_larger,
-                                  progress=bar.stage)
+                                  disable_rules=disabled_rules, progress=bar.stage)
         report = result.report
         if check:
             remaining = [b for b in report.blocks if b.fusable]

@@ -165,3 +165,43 @@ def align(branches: Sequence[ConvGeometry], spatial: Optional[Sequence[Optional[
         dilations.append(dil)
     merged = ConvGeometry(tuple(kernel), tuple(strides), tuple(begin), tuple(end), tuple(dilations))
     return Alignment(merged, factors, offsets)
+
+
+@dataclass(frozen=True)
+class Composition:
+    """outer ∘ inner as one conv: its geometry, where outer taps land and how inner taps spread."""
+    geometry: ConvGeometry
+    steps: tuple           # per axis: outer tap t lands at steps·t in the composed kernel
+    inner_factors: tuple   # per axis: inner kernel dilated by this
+
+
+def compose(inner: ConvGeometry, outer: ConvGeometry) -> Composition:
+    """The conv equal to `outer` applied to the output of `inner`, or GeometryError.
+
+    Per axis, an outer output j reads inner output j·s_o + d_o·t_o − p_o, which reads input
+    (j·s_o + d_o·t_o)·s_i + d_i·t_i − p_i − s_i·p_o: a conv of stride s_i·s_o, taps at
+    s_i·d_o·t_o + d_i·t_i (dilation D = their gcd) and pads p_i + s_i·p_o. That holds for the
+    padded positions too only when the outer conv is unpadded, or when the inner conv is 1×1,
+    stride 1 and unpadded (the value it gives a padded position is then its bias: the caller
+    checks that against the padding value). Output lengths agree for every input length:
+    ⌊(⌊X/s_i⌋ + 1 − e_o)/s_o⌋ = ⌊(X + s_i(1 − e_o))/(s_i·s_o)⌋.
+    """
+    pointwise = all(k == 1 for k in inner.kernel) and all(s == 1 for s in inner.strides) and inner.unpadded
+    if not outer.unpadded and not pointwise:
+        raise GeometryError("a padded conv after a conv that is not 1×1, stride 1 and unpadded is not exact at the borders")
+    kernel, strides, begin, end, dilations, steps, factors = [], [], [], [], [], [], []
+    for axis in range(inner.rank):
+        s_i, d_i, k_i = inner.strides[axis], inner.dilations[axis], inner.kernel[axis]
+        s_o, d_o, k_o = outer.strides[axis], outer.dilations[axis], outer.kernel[axis]
+        spacings = ([s_i * d_o] if k_o > 1 else []) + ([d_i] if k_i > 1 else [])
+        dil = math.gcd(*spacings) if spacings else 1
+        extent = s_i * d_o * (k_o - 1) + d_i * (k_i - 1)
+        kernel.append(extent // dil + 1)
+        strides.append(s_i * s_o)
+        begin.append(inner.pads_begin[axis] + s_i * outer.pads_begin[axis])
+        end.append(inner.pads_end[axis] + s_i * outer.pads_end[axis])
+        dilations.append(dil)
+        steps.append(s_i * d_o // dil)
+        factors.append(d_i // dil if k_i > 1 else 1)
+    geometry = ConvGeometry(tuple(kernel), tuple(strides), tuple(begin), tuple(end), tuple(dilations))
+    return Composition(geometry, tuple(steps), tuple(factors))

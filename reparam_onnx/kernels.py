@@ -141,3 +141,31 @@ def expand_groups(kernel, group: int, new_group: int):
 def common_group(groups: Sequence[int]) -> int:
     """The largest group count every conv can be rewritten to: gcd of all groups."""
     return math.gcd(*groups) if groups else 1
+
+
+def compose_kernels(outer, outer_group: int, inner, inner_group: int, steps: Sequence[int],
+                    inner_factors: Sequence[int], size: Sequence[int]):
+    """outer ∘ inner as one kernel: K[o, i, steps·t_o + factors·t_i] += Σ_m K_o[o, m, t_o]·K_i[m, i, t_i].
+
+    Both convs are first rewritten to g = gcd(groups) groups, so that output group j of the
+    inner conv is input group j of the outer one; the result has g groups. `steps` is where
+    an outer tap lands per axis and `inner_factors` dilates the inner kernel, both in units
+    of the composed kernel's dilation (geometry.compose). Returns (kernel, g).
+    """
+    group = math.gcd(outer_group, inner_group)
+    outer = expand_groups(outer, outer_group, group)
+    inner = dilate_kernel(expand_groups(inner, inner_group, group), inner_factors)
+    out_ch, mid_per = outer.shape[:2]
+    mid, in_per = inner.shape[:2]
+    outer_g = outer.reshape((group, out_ch // group, mid_per) + outer.shape[2:])
+    inner_g = inner.reshape((group, mid // group, in_per) + inner.shape[2:])
+    total = np.zeros((out_ch, in_per) + tuple(size))
+    for tap in np.ndindex(*outer.shape[2:]):
+        part = np.einsum("gom,gmi...->goi...", outer_g[(Ellipsis,) + tap], inner_g)
+        add_placed(total, part.reshape((out_ch, in_per) + inner.shape[2:]), [t * s for t, s in zip(tap, steps)])
+    return total, group
+
+
+def average_kernel(channels: int, size: Sequence[int]) -> np.ndarray:
+    """AveragePool (padding counted) as a depthwise conv: every tap 1/∏k."""
+    return np.full((channels, 1) + tuple(size), 1.0 / math.prod(size))

@@ -21,10 +21,12 @@ import numpy as np
 
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
-from .terms import Affine, Conv, Expr, Leaf, Pad, Shared, Sum, Transpose, block_exprs
+from .geometry import compose as compose_geometry
+from .terms import Affine, AvgPool, Conv, Expr, Leaf, Pad, Shared, Sum, Transpose, block_exprs
 
 
 MAX_MERGED_WEIGHTS = 1 << 26   # a merged kernel is never larger than this, even when asked
+COSTLY = "merging would cost more"   # how a TooCostly reason begins
 
 
 class NotExact(Exception):
@@ -33,25 +35,44 @@ class NotExact(Exception):
 
 @dataclass
 class Diag:
-    """y[c] = scale[c]·x[c] + shift[c], then zero-padded by `pads` (canonical spatial axes)."""
+    """y[c] = scale[c]·x[c] + shift[c], then padded by `pads` (canonical spatial axes) with border[c]."""
     scale: np.ndarray
     shift: np.ndarray
     layout: tuple = ()
     pads: Optional[Tuple[tuple, tuple]] = None     # (begin per spatial axis, end per spatial axis)
+    border: Optional[np.ndarray] = None            # the value of every padded position, per channel
+
+    def at_zero(self) -> Optional[np.ndarray]:
+        """What the map gives a zero input, per channel: the value a padded input position takes
+        when the padding moves before the map."""
+        return self.shift
 
 
 @dataclass
 class ConvMap:
-    """y = conv(x, kernel, groups=group, geometry) + bias."""
+    """y = conv(x, kernel, groups=group, geometry) + bias, then padded by `pads` with border[c]."""
     kernel: np.ndarray
     bias: np.ndarray
     geometry: ConvGeometry
     group: int
     layout: tuple = ()
+    pads: Optional[Tuple[tuple, tuple]] = None
+    border: Optional[np.ndarray] = None
 
     @property
     def out_channels(self) -> int:
         return self.kernel.shape[0]
+
+    def at_zero(self) -> Optional[np.ndarray]:
+        """The value at a position padded before the conv: its bias for a 1×1, stride-1, unpadded
+        conv; for any other, positions near the padding mix in real inputs (None)."""
+        g = self.geometry
+        pointwise = all(k == 1 for k in g.kernel) and all(s == 1 for s in g.strides) and g.unpadded
+        return self.bias if pointwise else None
+
+
+class TooCostly(NotExact):
+    """The block is exact, but its merged conv would cost more than what it replaces."""
 
 
 @dataclass
@@ -62,6 +83,7 @@ class Context:
     spatial: Optional[Sequence[Optional[int]]]   # static canonical spatial size of the block input (None: unknown)
     layout: tuple = ()                  # how the block input is laid out (identity: N, C, spatial...)
     allow_larger: bool = False          # merge even when the merged conv costs more than its branches
+    eps: float = float(np.finfo(np.float32).eps)   # of the block's dtype: how far a stored padding value may round
 
     @property
     def canonical(self) -> tuple:
@@ -83,7 +105,7 @@ def inverse(perm: Sequence[int]) -> tuple:
 def source_layout(expr: Expr, source: str, rank: int) -> tuple:
     """The block input's layout: the inverse of the Transposes between it and its first Conv."""
     identity = tuple(range(rank + 2))
-    for conv in (e for e in block_exprs(expr, source) if isinstance(e, Conv)):
+    for conv in (e for e in block_exprs(expr, source) if isinstance(e, (Conv, AvgPool))):
         perms, e = [], conv.input
         while not (isinstance(e, (Leaf, Shared)) and e.tensor == source):
             if isinstance(e, Transpose):
@@ -124,7 +146,7 @@ def _reachable(term: Expr) -> Dict[str, Tuple[int, bool]]:
         if isinstance(e, (Leaf, Shared)):
             d, c = found.get(e.tensor, (depth, False))
             found[e.tensor] = (min(d, depth), c or below_conv)
-        below = below_conv or isinstance(e, Conv)
+        below = below_conv or isinstance(e, Conv)   # a block needs a real conv: a pool alone is not one
         queue.extend((child, depth + 1, below) for child in e.children())
     return found
 
@@ -150,16 +172,21 @@ def choose_source(expr: Expr) -> Optional[str]:
     best = min(through_conv, key=lambda t: (-count[t], depth[t], t))
     if has_sum:
         return best if count[best] >= 2 else None
-    return best if _affine_above_conv(expr) else None
+    return best if len(chain_ops(expr)) >= 2 else None
 
 
-def _affine_above_conv(expr: Expr) -> bool:
-    """A chain is a block when a real (not no-op) affine op follows its conv."""
-    seen_affine = False
-    while isinstance(expr, (Affine, Transpose)):   # not through a Shared tensor: a chain has one path
-        seen_affine = seen_affine or (isinstance(expr, Affine) and expr.kind != "noop")
-        expr = expr.input
-    return seen_affine and isinstance(expr, Conv)
+def chain_ops(expr: Expr) -> List[Expr]:
+    """The ops of a chain that compute something (convs, pools, affine ops that are not no-ops),
+    output first, down to where it stops having one path; empty when none is a Conv. A chain
+    is a block when it has two such ops, one a Conv (Conv→BN, BN→Conv, Conv→Conv, AvgPool→Conv)."""
+    ops, e = [], expr
+    while isinstance(e, (Affine, Transpose, Pad, Conv, AvgPool)):   # not through a Shared tensor: one path
+        if isinstance(e, (Conv, AvgPool)) or isinstance(e, Affine) and e.kind not in ("noop", "bias"):
+            ops.append(e)   # a Gemm's bias is part of its linear op, not one of its own
+        e = e.input
+    if not any(isinstance(op, Conv) for op in ops):
+        return []
+    return ops
 
 
 def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool, axis: int = 1) -> np.ndarray:
@@ -192,16 +219,15 @@ def evaluate(expr: Expr, ctx: Context):
         inner = evaluate(expr.input, ctx)
         if len(expr.perm) != len(inner.layout):
             raise NotExact("a Transpose changes the tensor's rank")
-        layout = compose(inner.layout, expr.perm)
-        if isinstance(inner, Diag):
-            return Diag(inner.scale, inner.shift, layout, inner.pads)
-        return ConvMap(inner.kernel, inner.bias, inner.geometry, inner.group, layout)
+        return replace(inner, layout=compose(inner.layout, expr.perm))
     if isinstance(expr, Pad):
         return _evaluate_pad(expr, ctx)
     if isinstance(expr, Affine):
         return _evaluate_affine(expr, ctx)
     if isinstance(expr, Conv):
         return _evaluate_conv(expr, ctx)
+    if isinstance(expr, AvgPool):
+        return _evaluate_pool(expr, ctx)
     if isinstance(expr, Sum):
         return _evaluate_sum(expr, ctx)
     raise NotExact(f"unsupported term {type(expr).__name__}")
@@ -223,21 +249,18 @@ def _evaluate_affine(expr: Affine, ctx: Context):
     axis = inner.layout.index(1)
     scale = np.ones(channels) if expr.scale is None else per_channel(expr.scale, ctx.rank, channels, expr.on_channels, axis)
     shift = np.zeros(channels) if expr.shift is None else per_channel(expr.shift, ctx.rank, channels, expr.on_channels, axis)
+    border = None if inner.pads is None else inner.border * scale + shift
     if isinstance(inner, Diag):
-        if inner.pads is not None and np.any(shift):
-            raise NotExact("a per-channel shift after zero padding is not exact at the borders")
-        return Diag(inner.scale * scale, inner.shift * scale + shift, inner.layout, inner.pads)
-    # every ConvMap kernel is the evaluation's own array (_evaluate_conv copies the weight): fold in place
+        return Diag(inner.scale * scale, inner.shift * scale + shift, inner.layout, inner.pads, border)
+    # every ConvMap kernel is the evaluation's own array (_apply_conv makes it): fold in place
     kernel, bias = kernels.fold_affine(inner.kernel, inner.bias, scale, shift, inplace=True)
-    return ConvMap(kernel, bias, inner.geometry, inner.group, inner.layout)
+    return replace(inner, kernel=kernel, bias=bias, border=border)
 
 
 def _evaluate_pad(expr: Pad, ctx: Context):
     if expr.problem:
         raise NotExact(expr.problem)
     inner = evaluate(expr.input, ctx)
-    if isinstance(inner, ConvMap):
-        raise NotExact("zero padding after a conv inside a branch is not supported")
     if len(expr.pads) != len(inner.layout):
         raise NotExact("a Pad of a different rank")
     # actual axis i is canonical axis layout[i]
@@ -246,49 +269,124 @@ def _evaluate_pad(expr: Pad, ctx: Context):
         raise NotExact("a Pad on the batch or channel axis")
     begin = tuple(canonical[a][0] for a in range(2, ctx.rank + 2))
     end = tuple(canonical[a][1] for a in range(2, ctx.rank + 2))
+    border = np.full(_channels(inner, ctx), expr.value)
     if inner.pads is not None:
+        if not _same_values(inner.border, border, ctx.eps):
+            raise NotExact(f"Pad '{_name(expr)}' pads with {expr.value:g} around a padding of other values")
         begin = tuple(a + b for a, b in zip(begin, inner.pads[0]))
         end = tuple(a + b for a, b in zip(end, inner.pads[1]))
-    return Diag(inner.scale, inner.shift, inner.layout, (begin, end))
+    return replace(inner, pads=(begin, end), border=border)
+
+
+def _name(expr: Expr) -> str:
+    return expr.nodes[0].name if expr.nodes and expr.nodes[0].name else expr.tensor
+
+
+def _same_values(a: np.ndarray, b: np.ndarray, eps: float) -> bool:
+    """Equal up to the rounding of a value stored in the model's dtype (an exporter computes a
+    padding value from the BN parameters in float32; the engine computes it in float64)."""
+    scale = float(np.max(np.abs(a), initial=0.0) + np.max(np.abs(b), initial=0.0))
+    return bool(np.all(np.abs(a - b) <= 16 * eps * scale))
 
 
 def _evaluate_conv(expr: Conv, ctx: Context):
-    name = expr.nodes[0].name if expr.nodes else expr.tensor
     if expr.problem:
         raise NotExact(expr.problem)
-    weight = np.array(expr.weight, np.float64)   # a copy, always: later folds scale it in place
-    if weight.ndim - 2 != ctx.rank:
-        raise NotExact(f"Conv '{name}' has a different spatial rank than the block")
-    group = expr.group
+    weight = np.asarray(expr.weight)
+    bias = None if expr.bias is None else np.asarray(expr.bias, np.float64).reshape(-1)
+    return _apply_conv(expr, weight, bias, expr.attrs, expr.group, evaluate(expr.input, ctx), ctx)
+
+
+def _evaluate_pool(expr: AvgPool, ctx: Context):
+    """AveragePool: the depthwise conv average_kernel; its own padding must count in the average."""
+    if expr.problem:
+        raise NotExact(expr.problem)
     inner = evaluate(expr.input, ctx)
-    if isinstance(inner, ConvMap):
-        raise NotExact(f"Conv '{name}' follows another conv inside a branch (sequential branches are not supported yet)")
+    channels = _channels(inner, ctx)
+    weight = kernels.average_kernel(channels, expr.kernel)
+    attrs = {k: v for k, v in expr.attrs.items() if k in ("kernel_shape", "strides", "pads", "auto_pad", "dilations")}
+    if not expr.attrs.get("count_include_pad", 0):
+        try:
+            own = conv_geometry(attrs, expr.kernel, _spatial(inner, ctx))
+        except GeometryError as exc:
+            raise NotExact(f"AveragePool '{_name(expr)}': {exc}") from None
+        if not own.unpadded:
+            raise NotExact(f"AveragePool '{_name(expr)}' pads but leaves the padding out of its average "
+                           f"(count_include_pad=0): not a convolution at the borders")
+    return _apply_conv(expr, weight, None, attrs, channels, inner, ctx)
+
+
+def _spatial(value, ctx: Context) -> Optional[List[Optional[int]]]:
+    """The static canonical spatial size of a value (after its padding), where known."""
+    if ctx.spatial is None:
+        return None
+    size = list(ctx.spatial)
+    if isinstance(value, ConvMap):
+        size = [None if n is None else value.geometry.out_size(a, n) for a, n in enumerate(size)]
+    if value.pads is not None:
+        size = [None if n is None else n + b + e for n, b, e in zip(size, *value.pads)]
+    return size
+
+
+def _apply_conv(expr: Expr, weight: np.ndarray, bias: Optional[np.ndarray], attrs: dict, group: int, inner, ctx: Context):
+    """conv(inner) as one map of the block input. The padding of `inner` and the conv's own padding
+    (zeros) move before `inner`'s map, where a padded position is zero and the map gives it at_zero():
+    exact when that is the padding value (the border for a Pad, zero for the conv's own)."""
+    name = _name(expr)
+    if weight.ndim - 2 != ctx.rank:
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' has a different spatial rank than the block")
     if inner.layout != ctx.canonical:
-        raise NotExact(f"Conv '{name}' reads its input in another layout than the block's other convs")
-    if weight.shape[1] * group != ctx.channels or weight.shape[0] % group:
-        raise NotExact(f"Conv '{name}' weight {list(weight.shape)} with group {group} does not fit {ctx.channels} input channels")
-    spatial = ctx.spatial
-    if inner.pads is not None and spatial is not None:
-        spatial = [None if n is None else n + b + e for n, b, e in zip(spatial, *inner.pads)]
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}' reads its input in another layout than the block's other convs")
+    channels = _channels(inner, ctx)
+    if weight.shape[1] * group != channels or weight.shape[0] % group:
+        raise NotExact(f"Conv '{name}' weight {list(weight.shape)} with group {group} does not fit {channels} input channels")
     try:
-        geometry = conv_geometry(expr.attrs, weight.shape[2:], spatial)
+        geometry = conv_geometry(attrs, weight.shape[2:], _spatial(inner, ctx))
     except GeometryError as exc:
-        raise NotExact(f"Conv '{name}': {exc}") from None
-    if inner.pads is not None:
-        # the Pad before the conv becomes the conv's own padding
-        geometry = ConvGeometry(geometry.kernel, geometry.strides,
-                                tuple(a + b for a, b in zip(geometry.pads_begin, inner.pads[0])),
-                                tuple(a + b for a, b in zip(geometry.pads_end, inner.pads[1])), geometry.dilations)
-    bias = np.zeros(weight.shape[0]) if expr.bias is None else np.asarray(expr.bias, np.float64).reshape(-1)
+        raise NotExact(f"{expr.nodes[0].op_type} '{name}': {exc}") from None
+    bias = np.zeros(weight.shape[0]) if bias is None else bias
     if bias.shape != (weight.shape[0],):
         raise NotExact(f"Conv '{name}' bias has {bias.size} values for {weight.shape[0]} channels")
+    at_zero = inner.at_zero()   # None: a conv that is not pointwise; geometry.compose says why it cannot
+    if not geometry.unpadded and at_zero is not None and np.any(at_zero):
+        what = "per-channel shift" if isinstance(inner, Diag) else "conv with a bias"
+        raise NotExact(f"a {what} before the padded {expr.nodes[0].op_type} '{name}' is not exact at the borders")
+    if inner.pads is not None:
+        if at_zero is not None and not _same_values(at_zero, inner.border, ctx.eps):
+            raise NotExact(f"the padding before {expr.nodes[0].op_type} '{name}' is not the value its input has "
+                           f"at a padded position (zero padding after a bias is not exact at the borders)")
+        # the Pad before the conv becomes the conv's own padding
+        geometry = replace(geometry, pads_begin=tuple(a + b for a, b in zip(geometry.pads_begin, inner.pads[0])),
+                           pads_end=tuple(a + b for a, b in zip(geometry.pads_end, inner.pads[1])))
+    if isinstance(inner, ConvMap):
+        return _compose(name, weight, bias, group, geometry, inner, ctx)
     # the block input itself (scale 1) is the common case: no pass over the weight for it
-    kernel = weight if np.all(inner.scale == 1) else kernels.scale_input_channels(weight, inner.scale, group)
+    if np.all(inner.scale == 1):
+        kernel = np.array(weight, np.float64)   # a copy, always: later folds scale it in place
+    else:
+        kernel = kernels.scale_input_channels(np.asarray(weight, np.float64), inner.scale, group)
     if np.any(inner.shift):
-        if not geometry.unpadded:
-            raise NotExact(f"a per-channel shift before the padded Conv '{name}' is not exact at the borders")
-        bias = bias + kernels.bias_of_input_shift(weight, inner.shift, group)
+        bias = bias + kernels.bias_of_input_shift(np.asarray(weight, np.float64), inner.shift, group)
     return ConvMap(kernel, bias, geometry, group, ctx.canonical)
+
+
+def _compose(name: str, weight: np.ndarray, bias: np.ndarray, group: int, geometry: ConvGeometry,
+             inner: ConvMap, ctx: Context) -> ConvMap:
+    """A conv after a conv: one conv (geometry.compose, kernels.compose_kernels); the inner
+    bias passes through the outer kernel (exact: every position the outer conv reads holds it)."""
+    try:
+        composition = compose_geometry(inner.geometry, geometry)
+    except GeometryError as exc:
+        raise NotExact(f"'{name}' after a conv: {exc}") from None
+    size = composition.geometry.kernel
+    merged_group = math.gcd(group, inner.group)
+    merged = weight.shape[0] * (ctx.channels // merged_group) * math.prod(size)
+    _check_size(merged, size)
+    weight = np.asarray(weight, np.float64)
+    kernel, merged_group = kernels.compose_kernels(weight, group, inner.kernel, inner.group, composition.steps,
+                                                   composition.inner_factors, size)
+    bias = bias + kernels.bias_of_input_shift(weight, inner.bias, group)
+    return ConvMap(kernel, bias, composition.geometry, merged_group, ctx.canonical)
 
 
 def _signed_terms(expr: Sum, sign: float = 1.0) -> List[Tuple[float, Expr]]:
@@ -312,6 +410,18 @@ def _flatten(expr: Sum, sign: float = 1.0) -> Tuple[List[Tuple[float, Expr]], Li
     return terms, shifts
 
 
+def bag_sums(expr: Sum) -> List[Sum]:
+    """The nested sums (through no-op Identity/Cast) that _flatten makes one bag with `expr`."""
+    out = []
+    for _, term in expr.terms:
+        while isinstance(term, Affine) and term.kind == "noop" and not term.problem:
+            term = term.input
+        if isinstance(term, Sum):
+            out.append(term)
+            out.extend(bag_sums(term))
+    return out
+
+
 def _evaluate_sum(expr: Sum, ctx: Context):
     signed, shifts = _flatten(expr)
     value = _sum_terms([(sign, evaluate(term, ctx)) for sign, term in signed], ctx)
@@ -331,8 +441,8 @@ def _sum_terms(values, ctx: Context):
     if len(layouts) != 1:
         raise NotExact("the branches are summed in different layouts")
     layout = layouts.pop()
-    if any(isinstance(v, Diag) and v.pads is not None for _, v in values):
-        raise NotExact("a zero-padded branch is summed without a conv")
+    if any(v.pads is not None for _, v in values):
+        raise NotExact("a padded branch is summed without a conv after it")
     if all(isinstance(v, Diag) for _, v in values):
         return Diag(sum(s * v.scale for s, v in values), sum(s * v.shift for s, v in values), layout)
     convs = [v for _, v in values if isinstance(v, ConvMap)]
@@ -355,7 +465,7 @@ def _sum_terms(values, ctx: Context):
     except GeometryError as exc:
         raise NotExact(str(exc)) from None
     size = alignment.geometry.kernel
-    _check_cost(out * (ctx.channels // group) * math.prod(size), sum(c.kernel.size for c in convs), size, ctx)
+    _check_size(out * (ctx.channels // group) * math.prod(size), size)
     total = np.zeros((out, ctx.channels // group) + size)
     bias = np.zeros(out)
     for (sign, m), factors, offsets in zip(maps, alignment.dilation_factors, alignment.offsets):
@@ -366,18 +476,53 @@ def _sum_terms(values, ctx: Context):
     return ConvMap(total, bias, alignment.geometry, group, layout)
 
 
-def _check_cost(merged: int, branches: int, size: Sequence[int], ctx: Context) -> None:
-    """The merged conv may not have more weights than its conv branches together (on one
-    output grid, weights are the multiply-adds per output position), unless allowed;
-    and never more than MAX_MERGED_WEIGHTS (coprime dilations can ask for huge kernels)."""
-    shape = "×".join(map(str, size))
+def evaluate_block(expr: Expr, ctx: Context) -> ConvMap:
+    """The one conv a block computes, when it costs no more than the block (_check_cost)."""
+    value = evaluate(expr, ctx)
+    if not isinstance(value, ConvMap):
+        raise NotExact("the block has no conv")
+    _check_cost(value, block_weights(expr, ctx), ctx)
+    return value
+
+
+def block_weights(expr: Expr, ctx: Context) -> int:
+    """The weights of every conv of the block, and of every pool as the depthwise conv it is."""
+    total = 0
+    for e in block_exprs(expr, ctx.source):
+        if isinstance(e, Conv) and e.weight is not None:
+            total += int(np.size(e.weight))
+        elif isinstance(e, AvgPool):
+            total += math.prod(e.kernel) * _channels_in(e, ctx)
+    return total
+
+
+def _channels_in(expr: Expr, ctx: Context) -> int:
+    """The channels an op reads: those of the conv below it, or the block input's."""
+    e = expr.input
+    while isinstance(e, (Affine, Transpose, Pad, AvgPool, Shared)) and e.tensor != ctx.source:
+        e = e.input
+    return int(e.weight.shape[0]) if isinstance(e, Conv) and e.weight is not None else ctx.channels
+
+
+def _check_size(merged: int, size: Sequence[int]) -> None:
+    """No kernel is ever allocated with more than MAX_MERGED_WEIGHTS (coprime dilations can ask
+    for huge kernels); checked before it is."""
     if merged > MAX_MERGED_WEIGHTS:
-        raise NotExact(f"the merged {shape} conv would have {merged:,} weights, over the limit of "
-                       f"{MAX_MERGED_WEIGHTS:,} (its branches have {branches:,})")
+        shape = "×".join(map(str, size))
+        raise TooCostly(f"the merged {shape} conv would have {merged:,} weights, over the limit of {MAX_MERGED_WEIGHTS:,}")
+
+
+def _check_cost(value: ConvMap, branches: int, ctx: Context) -> None:
+    """The merged conv may not have more weights than the convs (and pools) it replaces
+    together, unless allowed. On the merged conv's output grid its weights are its
+    multiply-adds per output position, and every op it replaces runs at least once per output
+    position, so this bounds the multiply-adds as well as the parameters."""
+    merged = value.kernel.size
+    shape = "×".join(map(str, value.geometry.kernel))
     if merged > branches and not ctx.allow_larger:
-        raise NotExact(f"the merged {shape} conv would cost more than its branches: {merged:,} weights and "
-                       f"multiply-adds per output position against {branches:,} (×{merged / max(branches, 1):.1f}; "
-                       f"--allow-larger merges it anyway)")
+        raise TooCostly(f"{COSTLY}: the merged {shape} conv would have {merged:,} weights and multiply-adds "
+                        f"per output position, against {branches:,} for what it replaces "
+                        f"(×{merged / max(branches, 1):.1f}; --allow-larger merges it anyway)")
 
 
 def cut(expr: Expr, tensor: str) -> Expr:

@@ -18,7 +18,8 @@ import onnx
 
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .linear import Context, ConvMap, NotExact, choose_source, cut, evaluate, inverse, source_layout, top_terms
+from .linear import (COSTLY, Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops, choose_source, cut,
+                     evaluate_block, inverse, source_layout, top_terms)
 from .report import BlockReport
 from .risk import numeric_risk
 from .rulebook import Rule, block_shape, first_accepting
@@ -27,6 +28,7 @@ from .terms import ROOT_OPS, Affine, Conv, Expr, Sum, Walker, block_exprs, block
 from .verify import check_block, random_array
 
 MAX_PASSES = 8
+RULE_KEY = "reparam_onnx.rule"   # metadata_props entry of every node a fusion writes: the rule's name
 MAX_CHANNELS = 1 << 20
 
 
@@ -37,6 +39,7 @@ class Decision:
     value: Optional[ConvMap] = None  # the fused conv, when fused
     dtype: Optional[type] = None
     ctx: Optional[Context] = None
+    exact: bool = False              # the block evaluates to one conv (it may still be unwanted: rule, cost)
 
 
 def op_counts(graph: onnx.GraphProto) -> Dict[str, int]:
@@ -90,7 +93,7 @@ class Fuser:
                 continue
             out.append(decision)
             nodes = block_nodes(decision.expr, decision.report.input) if decision.report.fused \
-                else _top_nodes(decision.expr)
+                else _top_nodes(decision.expr, whole_bag=decision.exact)
             claimed.update(id(n) for n in nodes)
         return out
 
@@ -99,23 +102,44 @@ class Fuser:
         if source is None:
             return None
         decision = self._decide_from(expr, source)
-        if decision.report.fused or top_terms(expr)[1]:
+        if top_terms(expr)[1]:
             return decision
+        if decision.report.fused:
+            # a chain is rewritten only into fewer nodes (MatMul→Add is already its own deploy form)
+            return decision if _emitted(decision) < len(block_nodes(expr, source)) else None
         # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
-        # conv, say); when that fails, the plain Conv→BN from the outermost conv's input decides.
+        # conv, or compose two convs); when that fails, the chain from the outermost conv's input.
         conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
-        if conv is None or conv.input.tensor == source:
-            return decision
-        return self.decide(cut(expr, conv.input.tensor)) or decision
+        shorter = None if conv is None or conv.input.tensor == source else self.decide(cut(expr, conv.input.tensor))
+        if shorter is not None:
+            return shorter if shorter.report.fused or self._worth_reporting(expr, decision) else decision
+        return decision if self._worth_reporting(expr, decision) else None
+
+    @staticmethod
+    def _worth_reporting(expr: Expr, decision: Decision) -> bool:
+        """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv):
+        convs in sequence that would cost more merged, or do not merge, are just a network."""
+        if decision.report.fused:
+            return True
+        if decision.exact and decision.report.reason and decision.report.reason.startswith(COSTLY):
+            return False
+        return any(isinstance(op, Affine) for op in chain_ops(expr))
 
     def _decide_from(self, expr: Expr, source: str) -> Decision:
         ctx, problem = self.context(expr, source)
         value, reason = None, problem or self.exclusivity(expr, source)
+        costly = False
         if reason is None:
             try:
-                value = evaluate(expr, ctx)
+                value = evaluate_block(expr, ctx)
+            except TooCostly as exc:
+                reason, costly = str(exc), True
             except NotExact as exc:
                 reason = str(exc)
+        if costly:
+            decision = self._decision(expr, source, None, reason, block_shape(expr, ctx))
+            decision.exact = True
+            return decision
         if reason is None:
             shape = block_shape(expr, ctx)
             rule = first_accepting(self.rules, shape)
@@ -125,7 +149,9 @@ class Fuser:
                     decision = self.decide(inner)
                     if decision is not None and decision.report.fused:
                         return decision
-                return self._decision(expr, source, None, f"no enabled rule accepts {shape.describe()}", shape)
+                decision = self._decision(expr, source, None, f"no enabled rule accepts {shape.describe()}", shape)
+                decision.exact = True
+                return decision
             decision = self._decision(expr, source, rule.name, None, shape, value)
             decision.ctx = ctx
             return self._check_dtype(decision)
@@ -257,6 +283,9 @@ class Fuser:
             nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
             root = self.index.producer[d.expr.tensor]
             new_nodes, params = self._build_conv(d, root, names)
+            for node in new_nodes:   # provenance: which rule made the node
+                entry = node.metadata_props.add()
+                entry.key, entry.value = RULE_KEY, d.report.rule or ""
             if self.options.check_blocks and not self._check_alone(d, nodes, new_nodes, params):
                 continue
             applied.append((d, new_nodes))
@@ -310,6 +339,8 @@ class Fuser:
         g = value.geometry
         source, output = d.report.input, d.expr.tensor
         canonical = tuple(range(g.rank + 2))
+        if _as_linear(d):
+            return _build_linear(d, node_name, w_name, b_name, names)
         nodes = []
         if d.ctx.layout != canonical:   # the block input is not (N, C, ...): lay it out for the conv
             to_canonical = unique_name(f"{base}/reparam.input", names)
@@ -325,6 +356,40 @@ class Fuser:
             nodes.append(onnx.helper.make_node("Transpose", [conv_out], [output], name=unique_name(f"{base}/reparam.transpose", names),
                                                perm=list(value.layout)))
         return nodes, {w_name: value.kernel.astype(dtype, copy=False), b_name: value.bias.astype(dtype, copy=False)}
+
+
+def _emitted(d: Decision) -> int:
+    """How many nodes _build_conv writes for a block."""
+    if _as_linear(d):
+        return 1 if d.value.geometry.rank == 0 else 2
+    canonical = tuple(range(d.value.geometry.rank + 2))
+    return 1 + (d.ctx.layout != canonical) + (d.value.layout != canonical)
+
+
+def _as_linear(d: Decision) -> bool:
+    """A block of Gemm/MatMul stays one: a pointwise, ungrouped map with channels last at both
+    ends (rank 2: always) is written as Gemm (rank 2) or MatMul + Add, not a Conv."""
+    value, rank = d.value, d.value.geometry.rank
+    last = (0,) + tuple(range(2, rank + 2)) + (1,) if rank else (0, 1)
+    g = value.geometry
+    pointwise = all(k == 1 for k in g.kernel) and all(s == 1 for s in g.strides) and g.unpadded
+    linear = any(isinstance(e, Conv) and e.linear for e in block_exprs(d.expr, d.report.input))
+    return linear and pointwise and value.group == 1 and d.ctx.layout == last and value.layout == last
+
+
+def _build_linear(d: Decision, node_name: str, w_name: str, b_name: str, names: Set[str]):
+    """Gemm(x, W[O, C], b, transB=1) for a rank-2 input, else MatMul(x, Wᵀ[C, O]) + b."""
+    value, dtype = d.value, d.dtype
+    kernel = value.kernel.reshape(value.kernel.shape[:2]).astype(dtype, copy=False)
+    bias = value.bias.astype(dtype, copy=False)
+    source, output = d.report.input, d.expr.tensor
+    if value.geometry.rank == 0:
+        node = onnx.helper.make_node("Gemm", [source, w_name, b_name], [output], name=node_name, transB=1)
+        return [node], {w_name: kernel, b_name: bias}
+    product = unique_name(f"{node_name}.matmul", names)
+    nodes = [onnx.helper.make_node("MatMul", [source, w_name], [product], name=node_name),
+             onnx.helper.make_node("Add", [product, b_name], [output], name=unique_name(f"{node_name}.bias", names))]
+    return nodes, {w_name: np.ascontiguousarray(kernel.T), b_name: bias}
 
 
 def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:
@@ -362,10 +427,13 @@ def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[st
     return runs
 
 
-def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
+def _top_nodes(expr: Expr, whole_bag: bool = False) -> List[onnx.NodeProto]:
     """The nodes of a block left unfused that no other candidate should start from: its
-    post-ops and its top sum. Nested sums and branches stay free: a nested sum can be a
-    block of its own (RepGhost's inside a residual Add), a branch a Conv→BN chain."""
+    post-ops and its top sum. Nested sums stay free when the block is not exact: a nested sum
+    can be a block of its own (RepGhost's inside a residual Add over another input). When the
+    block is exact but unwanted (no rule, too costly), every sum of its bag is taken: fusing a
+    part of it would leave a model that is neither the training form nor the deploy form.
+    Branches stay free either way: a branch is a Conv→BN chain of its own."""
     out = []
     e = expr
     while isinstance(e, Affine):
@@ -373,6 +441,8 @@ def _top_nodes(expr: Expr) -> List[onnx.NodeProto]:
         e = e.input
     if isinstance(e, Sum):
         out.extend(e.nodes)
+        if whole_bag:
+            out.extend(n for s in bag_sums(e) for n in s.nodes)
     return out
 
 

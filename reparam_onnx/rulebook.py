@@ -18,9 +18,10 @@ else:  # pragma: no cover
 
 from .linear import Context
 from .linear import top_terms
-from .terms import Affine, Conv, Expr, Pad, Shared, Transpose
+from .terms import Affine, AvgPool, Conv, Expr, Pad, Shared, Transpose
 
-TERM_KINDS = ("conv", "identity")
+TERM_KINDS = ("conv", "identity", "chain", "avgpool")
+KERNEL_KINDS = ("conv", "chain", "avgpool")   # the kinds `kernel` and `size` apply to (a chain: its last op)
 KERNELS = ("any", "1x1", "square", "1xk", "kx1")
 POST_KINDS = ("batchnorm", "affine")
 GROUPS = ("any", "1", "grouped", "depthwise")
@@ -38,16 +39,19 @@ class TermPattern:
     size: Tuple[int, int] = (1, 1 << 30)
     count: Tuple[int, int] = (1, 1)
     bn: str = "any"
+    pre: str = "any"
 
     def accepts(self, term: "TermShape") -> bool:
         if term.kind != self.kind:
             return False
         if self.bn != "any" and term.bn != (self.bn == "yes"):
             return False
-        if self.kind != "conv":
+        if self.pre != "any" and term.pre != (self.pre == "yes"):
+            return False
+        if self.kind not in KERNEL_KINDS:
             return True
         k = term.kernel
-        if not self.size[0] <= max(k) <= self.size[1]:
+        if not self.size[0] <= max(k, default=1) <= self.size[1]:
             return False
         return {
             "any": True,
@@ -100,17 +104,18 @@ def _assign(terms, patterns, used) -> bool:
 @dataclass(frozen=True)
 class TermShape:
     kind: str                 # a TERM_KINDS entry, or another word no rule accepts
-    kernel: Tuple[int, ...] = ()
+    kernel: Tuple[int, ...] = ()   # of the conv or pool (a chain: of its last op)
     group: int = 1
-    bn: bool = False
+    bn: bool = False          # an affine op (BN) after it
+    pre: bool = False         # an affine op (BN) before it, on the block input
+    ops: Tuple[str, ...] = ()  # a chain's ops, input first
 
     def describe(self) -> str:
-        if self.kind == "conv":
-            text = "x".join(map(str, self.kernel)) + " conv"
-            text += f" g{self.group}" if self.group > 1 else ""
+        if self.kind in KERNEL_KINDS:
+            text = "→".join(self.ops)
         else:
             text = self.kind
-        return text + ("+bn" if self.bn else "")
+        return ("bn→" if self.pre else "") + text + ("+bn" if self.bn else "")
 
 
 @dataclass(frozen=True)
@@ -129,23 +134,39 @@ def _strip_affine(expr: Expr, source: str):
     the block are looked through) and the expression below them."""
     kinds = []
     while isinstance(expr, (Affine, Transpose, Pad, Shared)) and expr.tensor != source:
-        if isinstance(expr, Affine) and expr.kind != "noop":
+        if isinstance(expr, Affine) and expr.kind not in ("noop", "bias"):   # a Gemm's bias is the Gemm's
             kinds.append(expr.kind)
         expr = expr.input
     return kinds, expr
+
+
+def _op_name(op) -> str:
+    """'3x3 conv', '1x1 conv g4', '3x3 avgpool'."""
+    if isinstance(op, AvgPool):
+        return "x".join(map(str, op.kernel)) + " avgpool"
+    if op.linear:
+        return "linear"
+    return "x".join(map(str, op.weight.shape[2:])) + " conv" + (f" g{op.group}" if op.group > 1 else "")
 
 
 def _term_shape(expr: Expr, ctx: Context) -> TermShape:
     kinds, core = _strip_affine(expr, ctx.source)
     if core.tensor == ctx.source:
         return TermShape("identity", bn=bool(kinds))
-    if isinstance(core, Conv) and core.weight is not None:
-        _, below = _strip_affine(core.input, ctx.source)
-        kind = "conv" if below.tensor == ctx.source else "conv_chain"
-        return TermShape(kind, tuple(core.weight.shape[2:]), core.group, bn=bool(kinds))
-    if isinstance(core, Conv):
-        return TermShape("conv with non-constant weight")
-    return TermShape(type(core).__name__.lower())
+    ops, below, pre = [], core, []
+    while isinstance(below, (Conv, AvgPool)):   # down a chain of convs and pools
+        if isinstance(below, Conv) and below.weight is None:
+            return TermShape("conv with non-constant weight")
+        ops.append(below)
+        pre, below = _strip_affine(below.input, ctx.source)
+    if not ops or below.tensor != ctx.source:
+        return TermShape(type(below).__name__.lower())
+    last = ops[0]
+    kind = "chain" if len(ops) > 1 else "avgpool" if isinstance(last, AvgPool) else "conv"
+    kernel = last.kernel if isinstance(last, AvgPool) else tuple(last.weight.shape[2:])
+    group = last.group if isinstance(last, Conv) else ctx.channels
+    return TermShape(kind, kernel, group, bn=bool(kinds), pre=bool(pre),
+                     ops=tuple(_op_name(op) for op in reversed(ops)))
 
 
 def block_shape(expr: Expr, ctx: Context) -> BlockShape:
@@ -165,7 +186,7 @@ def block_shape(expr: Expr, ctx: Context) -> BlockShape:
 # ---------------------------------------------------------------- loading and validation
 
 _RULE_KEYS = {"name", "summary", "reference", "priority", "terms", "post", "post_required", "groups", "min_terms"}
-_TERM_KEYS = {"kind", "kernel", "size", "count", "bn"}
+_TERM_KEYS = {"kind", "kernel", "size", "count", "bn", "pre"}
 
 
 def _pair(value, where) -> Tuple[int, int]:
@@ -220,14 +241,15 @@ def parse_rule(data: dict, path: str) -> Rule:
         if unknown:
             raise RuleError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         kind = _choice(term.get("kind"), TERM_KINDS, f"{where}.kind")
-        if kind != "conv" and ({"kernel", "size"} & set(term)):
-            raise RuleError(f"{where}: kernel and size apply to conv terms only")
+        if kind not in KERNEL_KINDS and ({"kernel", "size"} & set(term)):
+            raise RuleError(f"{where}: kernel and size apply to {', '.join(KERNEL_KINDS)} terms only")
         patterns.append(TermPattern(
             kind=kind,
             kernel=_choice(term.get("kernel", "any"), KERNELS, f"{where}.kernel"),
             size=_pair(term["size"], f"{where}.size") if "size" in term else (1, 1 << 30),
             count=_pair(term.get("count", [1, 1]), f"{where}.count"),
             bn=_choice(term.get("bn", "any"), PRESENCE, f"{where}.bn"),
+            pre=_choice(term.get("pre", "any"), PRESENCE, f"{where}.pre"),
         ))
     return Rule(name, data["summary"], data.get("reference", ""), priority, tuple(patterns),
                 tuple(post), post_required, groups, min_terms, path)
@@ -242,8 +264,9 @@ def builtin_rules_dir() -> Path:
     raise RuleError("the built-in rules folder is missing from this installation")
 
 
-def load_rules(extra_dirs: Iterable[str] = (), builtin: bool = True) -> List[Rule]:
-    """All rules, highest priority first (then by name); duplicate names are errors."""
+def load_rules(extra_dirs: Iterable[str] = (), builtin: bool = True, disabled: Iterable[str] = ()) -> List[Rule]:
+    """All rules but the disabled ones, highest priority first (then by name); duplicate
+    names, and disabling a rule that does not exist, are errors."""
     dirs = ([builtin_rules_dir()] if builtin else []) + [Path(d) for d in extra_dirs]
     rules: List[Rule] = []
     seen = {}
@@ -260,6 +283,10 @@ def load_rules(extra_dirs: Iterable[str] = (), builtin: bool = True) -> List[Rul
                 raise RuleError(f"rule '{rule.name}' is defined twice ({seen[rule.name]} and {path.name})")
             seen[rule.name] = path.name
             rules.append(rule)
+    unknown = sorted(set(disabled) - set(seen))
+    if unknown:
+        raise RuleError(f"no rule named {', '.join(map(repr, unknown))} to disable (rules: {', '.join(sorted(seen))})")
+    rules = [r for r in rules if r.name not in set(disabled)]
     rules.sort(key=lambda r: (-r.priority, r.name))
     return rules
 

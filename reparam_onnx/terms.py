@@ -57,7 +57,7 @@ class Affine(Expr):
     input: Expr = None
     scale: Optional[np.ndarray] = None
     shift: Optional[np.ndarray] = None
-    kind: str = "affine"                          # "batchnorm" | "affine" | "noop"
+    kind: str = "affine"                          # "batchnorm" | "affine" | "noop" | "bias" (a Gemm's α and β·C)
     problem: Optional[str] = None
     on_channels: bool = False                     # scale/shift are vectors over axis 1 (BN), not broadcast shapes
 
@@ -72,10 +72,26 @@ class Conv(Expr):
     bias: Optional[np.ndarray] = None
     attrs: dict = field(default_factory=dict)
     problem: Optional[str] = None
+    linear: bool = False                          # a Gemm or MatMul: channels are its input's last axis
 
     @property
     def group(self) -> int:
         return int(self.attrs.get("group", 1))
+
+    def children(self):
+        return [self.input]
+
+
+@dataclass
+class AvgPool(Expr):
+    """AveragePool: a depthwise conv with taps 1/∏k once the channel count is known."""
+    input: Expr = None
+    attrs: dict = field(default_factory=dict)
+    problem: Optional[str] = None
+
+    @property
+    def kernel(self) -> tuple:
+        return tuple(int(k) for k in self.attrs.get("kernel_shape", ()))
 
     def children(self):
         return [self.input]
@@ -93,9 +109,10 @@ class Transpose(Expr):
 
 @dataclass
 class Pad(Expr):
-    """Zero padding: pads[i] = (begin, end) for every axis of the tensor as it is laid out."""
+    """Constant padding: pads[i] = (begin, end) for every axis of the tensor as it is laid out."""
     input: Expr = None
     pads: tuple = ()
+    value: float = 0.0
     problem: Optional[str] = None
 
     def children(self):
@@ -299,6 +316,63 @@ def _conv(w: Walker, node, tensor, depth):
                 attrs=attributes(node), problem=problem)
 
 
+def _gemm(w: Walker, node, tensor, depth):
+    """Gemm(x, W, c) = α·x·W(ᵀ) + β·c on a rank-2 x: a conv of no spatial axis (kernel W as [O, C]),
+    then the per-channel affine ops α and β·c (their exprs are internal: no tensor of the graph)."""
+    attrs = attributes(node)
+    if attrs.get("transA", 0):
+        return None
+    weight, problem = _linear_weight(w, node)
+    if weight is not None and not attrs.get("transB", 0):
+        weight = weight.T
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    c = w.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if len(node.input) > 2 and node.input[2] and c is None:
+        problem = problem or f"Gemm '{node.name}' has a bias that is not a constant"
+    inner: Expr = Conv(f"{tensor}#linear", input=w.input(node.input[0], depth), weight=weight, problem=problem,
+                       linear=True)
+    if alpha != 1.0:
+        inner = Affine(f"{tensor}#alpha", input=inner, scale=np.array(alpha), kind="bias")
+    if c is not None and beta != 0.0:
+        # C broadcasts against [N, O]: one value per output channel is what a bias is
+        inner = Affine(f"{tensor}#bias", input=inner, shift=np.asarray(c, np.float64) * beta, kind="bias")
+    inner.tensor, inner.nodes = tensor, [node]
+    return inner
+
+
+def _matmul(w: Walker, node, tensor, depth):
+    """MatMul(x, W) with a constant [C, O] W is a 1×…×1 conv on the channel axis moved last:
+    Transpose(channels first) → Conv → Transpose(back), exprs internal to the node."""
+    if w.const(node.input[0]) is not None:
+        return None   # W·x mixes positions, not channels
+    dims = w.index.shapes.get(node.input[0], (None, None))[0]
+    weight, problem = _linear_weight(w, node)
+    if dims is None or len(dims) < 2:
+        return None
+    rank = len(dims)
+    if weight is not None:
+        weight = weight.T.reshape(weight.shape[::-1] + (1,) * (rank - 2))
+    x = w.input(node.input[0], depth)
+    if rank == 2:
+        return Conv(tensor, [node], input=x, weight=weight, problem=problem, linear=True)
+    first = (0, rank - 1) + tuple(range(1, rank - 1))   # channels (last) to axis 1
+    last = tuple(first.index(a) for a in range(rank))
+    conv = Conv(f"{tensor}#linear", input=Transpose(f"{tensor}#channels_first", input=x, perm=first),
+                weight=weight, problem=problem, linear=True)
+    return Transpose(tensor, [node], input=conv, perm=last)
+
+
+def _linear_weight(w: Walker, node):
+    """The constant rank-2 weight of a Gemm or MatMul, or (None, the problem)."""
+    try:
+        weight = w.index.value(node.input[1])
+    except NotConstant as exc:
+        return None, f"{node.op_type} '{node.name}' weight {exc}"
+    if np.ndim(weight) != 2:
+        return None, f"{node.op_type} '{node.name}' weight has rank {np.ndim(weight)}, not 2"
+    return weight, None
+
+
 def _transpose(w: Walker, node, tensor, depth):
     perm = attributes(node).get("perm")
     if perm is None:
@@ -312,7 +386,7 @@ def _transpose(w: Walker, node, tensor, depth):
 
 
 def _pad(w: Walker, node, tensor, depth):
-    """Pad with zeros (mode constant, value 0); other modes are not a conv's zero padding."""
+    """Pad with a constant (mode constant); other modes are not a conv's padding."""
     attrs = attributes(node)
     mode = attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
@@ -327,8 +401,8 @@ def _pad(w: Walker, node, tensor, depth):
         problem = f"Pad '{node.name}' uses mode {mode}, not zero padding"
     elif pads is None or value is None or (len(node.input) > 3 and node.input[3] and axes is None):
         problem = f"Pad '{node.name}' has non-constant pads"
-    elif np.any(np.asarray(value) != 0):
-        problem = f"Pad '{node.name}' pads with {float(np.asarray(value).reshape(-1)[0])}, not zero"
+    elif np.asarray(value).size != 1 or not np.isfinite(np.asarray(value, np.float64)).all():
+        problem = f"Pad '{node.name}' has a padding value that is not one finite number"
     per_axis = ()
     if problem is None:
         pads = [int(p) for p in np.asarray(pads).reshape(-1)]
@@ -339,7 +413,22 @@ def _pad(w: Walker, node, tensor, depth):
         per_axis = tuple(full.get(a, (0, 0)) for a in range(rank))
         if any(p < 0 for pair in per_axis for p in pair):
             problem = f"Pad '{node.name}' crops (negative pads)"
-    return Pad(tensor, [node], input=w.input(node.input[0], depth), pads=per_axis, problem=problem)
+    fill = float(np.asarray(value, np.float64).reshape(-1)[0]) if problem is None else 0.0
+    return Pad(tensor, [node], input=w.input(node.input[0], depth), pads=per_axis, value=fill, problem=problem)
+
+
+def _average_pool(w: Walker, node, tensor, depth):
+    """AveragePool counting its padding (or with none) is a depthwise conv; ceil_mode can add a
+    partial window that divides by fewer taps."""
+    attrs = attributes(node)
+    problem = None
+    if attrs.get("ceil_mode", 0):
+        problem = f"AveragePool '{node.name}' uses ceil_mode=1 (a partial last window is not a convolution)"
+    elif not attrs.get("kernel_shape"):
+        problem = f"AveragePool '{node.name}' has no kernel_shape"
+    if sum(1 for o in node.output if o) > 1:
+        return None
+    return AvgPool(tensor, [node], input=w.input(node.input[0], depth), attrs=attrs, problem=problem)
 
 
 def _cast(w: Walker, node, tensor, depth):
@@ -364,7 +453,10 @@ HANDLERS: Dict[str, Handler] = {
     "Neg": _neg,
     "Sum": _sum,
     "Conv": _conv,
+    "AveragePool": _average_pool,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
 }
 
 # Ops that can end a block: the walk starts from their outputs.
-ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity"})
+ROOT_OPS = frozenset({"Add", "Sub", "Sum", "BatchNormalization", "Mul", "Div", "Neg", "Identity", "Conv", "Gemm", "MatMul"})

@@ -317,8 +317,8 @@ def assert_report_matches(model: onnx.ModelProto, result) -> None:
 
 
 def block_then_post_op() -> onnx.ModelProto:
-    """RepVGG then a per-channel Mul: no rule takes both, so the sum fuses first; the next pass
-    folds the Mul into that Conv (a Conv→affine chain)."""
+    """RepVGG then a per-channel Mul: without the generic rule no rule takes both, so the sum
+    fuses first; the next pass folds the Mul into that Conv (a Conv→affine chain)."""
     b = Builder(2)
     x = b.input(SHAPE)
     y = b.node("Mul", [repvgg_block(b, x, 4, 4), b.const(np.random.default_rng(0).uniform(.5, 2, (1, 4, 1, 1)))])
@@ -327,13 +327,21 @@ def block_then_post_op() -> onnx.ModelProto:
 
 def test_block_taken_into_a_larger_one_is_reported_once():
     model = block_then_post_op()
-    result = fuse_and_check(model, {"Conv": 1, "Add": 0, "Mul": 0, "BatchNormalization": 0})
+    result = fuse_and_check(model, {"Conv": 1, "Add": 0, "Mul": 0, "BatchNormalization": 0}, disable_rules=["generic"])
     (block,) = result.report.fused
     assert block.output == "mul1_out" and block.rule == "conv_bn"
     assert block.absorbed == [{"rule": "repvgg", "output": "add2_out"}]
     assert sorted(block.nodes) == sorted(n.name for n in model.graph.node if n.op_type != "Relu")
     assert result.report.to_text().startswith("fused 1 block(s): 1 conv_bn")
     assert "taking in [repvgg] add2_out" in result.report.to_text(verbose=True)
+    assert_report_matches(model, result)
+
+
+def test_generic_rule_takes_block_and_post_op_at_once():
+    model = block_then_post_op()
+    result = fuse_and_check(model, {"Conv": 1, "Add": 0, "Mul": 0, "BatchNormalization": 0})
+    (block,) = result.report.fused
+    assert (block.output, block.rule, block.absorbed) == ("mul1_out", "generic", [])
     assert_report_matches(model, result)
 
 

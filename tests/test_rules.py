@@ -40,6 +40,17 @@ def _block(kind):
         "qarepvgg-neg": lambda: b.add(k3(), b.conv(x, c, c, (1, 1), bias=False), x),
         "conv_bn": lambda: k3(),
         "conv_bn-neg": lambda: b.conv(x, c, c, (3, 3), pads=(1,) * 4),
+        # DBB: k×k + 1×1 + 1×1→k×k (zero-bias intermediate: zero padding is its value) + 1×1→AvgPool
+        "dbb": lambda: b.add(k3(), k1(), b.bn(b.conv(b.conv(x, c, c, (1, 1), bias=False), c, c, (3, 3),
+                                                     pads=(1,) * 4, bias=False), c),
+                             b.bn(b.node("AveragePool", [b.conv(x, c, c, (1, 1), bias=False)], kernel_shape=[3, 3],
+                                         pads=[1] * 4, count_include_pad=1), c)),
+        "dbb-neg": lambda: b.add(k3(), k1()),
+        "prebn": lambda: b.conv(b.bn(x, c), c, c, (1, 1)),
+        "prebn-neg": lambda: b.conv(b.node("Relu", [b.bn(x, c)]), c, c, (1, 1)),
+        # four dense 3×3 branches: MobileOne's stem, which no named rule takes
+        "generic": lambda: b.add(k3(), k3(), k3(), k3(), k1(), b.bn(x, c)),
+        "generic-neg": lambda: b.add(k3(), b.conv(b.node("Relu", [x]), c, c, (1, 1))),
     }[kind]()
     return b.model(y), y
 
@@ -49,7 +60,7 @@ RULE_NAMES = sorted(r.name for r in load_rules())
 
 def test_every_rule_file_has_cases():
     assert RULE_NAMES == sorted({"repvgg", "yolo_repconv", "acb", "mobileone_dw", "mobileone_pw", "replknet",
-                                 "qarepvgg", "conv_bn"})
+                                 "qarepvgg", "conv_bn", "dbb", "prebn", "generic"})
 
 
 @pytest.mark.parametrize("rule", RULE_NAMES)
@@ -57,6 +68,8 @@ def test_positive_case(rule):
     model, out = _block(rule)
     result = fuse_and_check(model, {"Conv": 1, "Add": 0, "BatchNormalization": 0})
     assert [b.rule for b in result.report.fused if b.output == out] == [rule]
+    (conv,) = [n for n in result.model.graph.node if n.op_type == "Conv"]   # provenance on the node
+    assert [(p.key, p.value) for p in conv.metadata_props] == [("reparam_onnx.rule", rule)]
 
 
 @pytest.mark.parametrize("rule", RULE_NAMES)
@@ -114,10 +127,10 @@ def test_duplicate_rule_names_are_an_error(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ('name = "x"\nsummary = "s"\nbogus = 1\n[[terms]]\nkind = "conv"', "unknown key"),
-    ('name = "x"\nsummary = "s"\n[[terms]]\nkind = "avgpool"', "kind"),
+    ('name = "x"\nsummary = "s"\n[[terms]]\nkind = "maxpool"', "kind"),
     ('name = "x"\nsummary = "s"\n[[terms]]\nkind = "conv"\nkernel = "3x3"', "kernel"),
     ('name = "x"\nsummary = "s"\n[[terms]]\nkind = "conv"\ncount = [2, 1]', "count"),
-    ('name = "x"\nsummary = "s"\n[[terms]]\nkind = "identity"\nkernel = "1x1"', "conv terms only"),
+    ('name = "x"\nsummary = "s"\n[[terms]]\nkind = "identity"\nkernel = "1x1"', "conv, chain, avgpool terms only"),
     ('name = "x"\nsummary = "s"\n[[terms]]\nkind = "conv"\nwidth = 3', "unknown key"),
     ('name = "x"\nsummary = "s"\npost = ["relu"]\n[[terms]]\nkind = "conv"', "post"),
     ('name = "x"\nsummary = "s"\ngroups = "some"\n[[terms]]\nkind = "conv"', "groups"),

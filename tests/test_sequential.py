@@ -1,0 +1,238 @@
+"""Ops in sequence collapse like branches in parallel: Conv∘Conv (with the border condition),
+AveragePool as a depthwise conv, a BN before a conv, Gemm/MatMul with BN before or after;
+and the inexact forms stay with a reason naming the condition."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import Builder, assert_untouched, fuse_and_check, op_counts
+from reparam_onnx import fuse_with_report
+
+C = 4
+GEOMETRY = [  # (stride, group, spatial size): odd sizes, stride 2, groups > 1
+    (1, 1, (9, 11)),
+    (2, 1, (11, 9)),
+    (1, 2, (7, 10)),
+    (2, 2, (10, 13)),
+]
+ZERO = (0, 0, 0, 0)
+ONE = (1, 1, 1, 1)
+
+
+def _int_const(b: Builder, values) -> str:
+    from onnx import numpy_helper
+    name = b.name("i")
+    b.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+    return name
+
+
+def _zero_pad(b: Builder, x: str, value=None) -> str:
+    inputs = [x, _int_const(b, [0, 0, 1, 1, 0, 0, 1, 1])]
+    if value is not None:
+        inputs.append(b.const(np.array(value)))
+    return b.node("Pad", inputs, mode="constant")
+
+
+@pytest.mark.parametrize("stride,group,size", GEOMETRY)
+def test_dbb_with_zero_bias_intermediate_and_avgpool(stride, group, size):
+    """k×k + 1×1 + (1×1 → k×k) + (1×1 → AvgPool), each with BN: one k×k conv."""
+    b = Builder(seed=stride * 10 + group)
+    x = b.input([2, C] + list(size))
+    s = (stride, stride)
+    kxk = b.bn(b.conv(x, C, C, (3, 3), s, ONE, group=group, bias=False), C)
+    one = b.bn(b.conv(x, C, C, (1, 1), s, ZERO, group=group, bias=False), C)
+    chain = b.bn(b.conv(b.conv(x, C, C, (1, 1), group=group, bias=False), C, C, (3, 3), s, ONE, group=group,
+                        bias=False), C)
+    avg = b.bn(b.node("AveragePool", [b.conv(x, C, C, (1, 1), group=group, bias=False)], kernel_shape=[3, 3],
+                      strides=list(s), pads=list(ONE), count_include_pad=1), C)
+    result = fuse_and_check(b.model(b.add(kxk, one, chain, avg)), {"Conv": 1, "Add": 0, "AveragePool": 0})
+    assert [r.rule for r in result.report.fused] == ["dbb"]
+
+
+def _bn_shift(b: Builder) -> np.ndarray:
+    """The shift β − μ·γ/√(σ²+ε) of the BN the builder made last (in float32, as an exporter does)."""
+    from onnx import numpy_helper
+    gamma, beta, mean, var = (numpy_helper.to_array(t) for t in b.inits[-4:])
+    return beta - mean * gamma / np.sqrt(var + np.float32(1e-5))
+
+
+@pytest.mark.parametrize("stride,group,size", GEOMETRY)
+@pytest.mark.parametrize("matching", [True, False])
+def test_padding_with_the_intermediate_bias_is_exact(stride, group, size, matching):
+    """DBB written with an explicit Pad: conv1×1 → BN → −t → zero Pad → +t → k×k (unpadded): exact
+    when t is the BN's shift (every padded position then holds what the merged conv sees there)."""
+    b = Builder(seed=stride + 3 * group)
+    x = b.input([2, C] + list(size))
+    first = b.bn(b.conv(x, C, C, (1, 1), group=group, bias=False), C)
+    t = _bn_shift(b) if matching else b.rng.normal(0, 1, C)
+    shift = b.const(t.reshape(1, C, 1, 1))
+    padded = b.node("Add", [_zero_pad(b, b.node("Sub", [first, shift])), shift])
+    chain = b.bn(b.conv(padded, C, C, (3, 3), (stride, stride), ZERO, group=group, bias=False), C)
+    kxk = b.bn(b.conv(x, C, C, (3, 3), (stride, stride), ONE, group=group, bias=False), C)
+    model = b.model(b.add(kxk, chain))
+    if matching:
+        fuse_and_check(model, {"Conv": 1, "Add": 0, "Pad": 0, "Sub": 0})
+    else:
+        result = assert_untouched(model, "not the value its input has at a padded position", identical=False)
+        assert op_counts(result.model)["Pad"] == 1
+
+
+def test_pad_value_equal_to_a_constant_bias_is_exact():
+    b = Builder(seed=4)
+    x = b.input([2, C, 9, 9])
+    w = b.const(b.rng.normal(0, 0.5, (C, C, 1, 1)))
+    first = b.node("Conv", [x, w, b.const(np.full(C, 0.75))], kernel_shape=[1, 1])
+    y = b.conv(_zero_pad(b, first, 0.75), C, C, (3, 3), pads=ZERO)
+    fuse_and_check(b.model(b.add(y, b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C))), {"Conv": 1, "Pad": 0})
+
+
+def test_zero_padding_after_a_bias_stays():
+    """DBB done naively: the intermediate has a bias, the padding is zero: not exact at the borders."""
+    b = Builder(seed=5)
+    x = b.input([2, C, 9, 9])
+    chain = b.conv(_zero_pad(b, b.bn(b.conv(x, C, C, (1, 1), bias=False), C)), C, C, (3, 3), pads=ZERO)
+    model = b.model(b.add(chain, b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C)))
+    result = assert_untouched(model, "not the value its input has at a padded position", identical=False)
+    assert op_counts(result.model)["Pad"] == 1
+
+
+def test_padded_conv_after_a_biased_1x1_stays():
+    """The dynamo exporter moves the zero Pad into the next conv's pads: the same condition."""
+    b = Builder(seed=6)
+    x = b.input([2, C, 9, 9])
+    chain = b.conv(b.conv(x, C, C, (1, 1)), C, C, (3, 3), pads=ONE)
+    model = b.model(b.add(chain, b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C)))
+    assert_untouched(model, "conv with a bias before the padded Conv", identical=False)
+
+
+@pytest.mark.parametrize("first_stride,second_stride,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)])
+def test_kxk_after_kxk_composes_when_the_second_is_unpadded(first_stride, second_stride, dilation):
+    b = Builder(seed=first_stride + 2 * second_stride + dilation)
+    x = b.input([2, C, 13, 11])
+    first = b.bn(b.conv(x, C, 2 * C, (3, 3), (first_stride,) * 2, ONE, bias=False), 2 * C)
+    y = b.bn(b.conv(first, 2 * C, C, (3, 3), (second_stride,) * 2, ZERO, (dilation,) * 2, bias=False), C)
+    result = fuse_and_check(b.model(y), {"Conv": 1, "BatchNormalization": 0}, allow_larger=True)
+    assert result.report.fused[0].kernel == [2 * dilation * first_stride + 3] * 2
+
+
+def test_padded_kxk_after_kxk_stays():
+    b = Builder(seed=8)
+    x = b.input([2, C, 9, 9])
+    y = b.conv(b.bn(b.conv(x, C, C, (3, 3), pads=ONE, bias=False), C), C, C, (3, 3), pads=ONE)
+    result = fuse_and_check(b.model(y), {"Conv": 2, "BatchNormalization": 0})   # the Conv→BN folds, no more
+    assert not result.report.unfused   # two convs in sequence are a network, not a block to report
+
+
+def test_costly_chain_of_convs_is_not_a_block():
+    """8 → 2 → 8 channels through two 1×1 convs: merged (64 weights) costs more than the two (32)."""
+    b = Builder(seed=9)
+    x = b.input([2, 8, 5, 5])
+    y = b.conv(b.conv(x, 8, 2, (1, 1)), 2, 8, (1, 1))
+    result = fuse_with_report(b.model(y))
+    assert not result.report.blocks
+
+
+@pytest.mark.parametrize("attrs,reason", [
+    ({"pads": [1, 1, 1, 1], "count_include_pad": 0}, "leaves the padding out of its average"),
+    ({"pads": [0, 0, 0, 0], "ceil_mode": 1, "strides": [2, 2]}, "ceil_mode=1"),
+])
+def test_avgpool_that_is_not_a_conv_stays(attrs, reason):
+    b = Builder(seed=10)
+    x = b.input([2, C, 9, 9])
+    pool = b.bn(b.node("AveragePool", [x], kernel_shape=[3, 3], **attrs), C)
+    stride = attrs.get("strides", [1, 1])
+    pads = (1, 1, 1, 1) if attrs["pads"][0] else ZERO
+    y = b.add(pool, b.bn(b.conv(x, C, C, (3, 3), tuple(stride), pads, bias=False), C))
+    assert_untouched(b.model(y), reason, identical=False)
+
+
+def test_avgpool_without_padding_excluding_it_is_exact():
+    b = Builder(seed=11)
+    x = b.input([2, C, 9, 9])
+    pool = b.bn(b.node("AveragePool", [x], kernel_shape=[3, 3], count_include_pad=0), C)
+    y = b.add(pool, b.bn(b.conv(x, C, C, (3, 3), bias=False), C))
+    fuse_and_check(b.model(y), {"Conv": 1, "AveragePool": 0, "Add": 0})
+
+
+@pytest.mark.parametrize("stride,group,size", GEOMETRY)
+def test_batchnorm_before_an_unpadded_conv_folds(stride, group, size):
+    b = Builder(seed=12 + stride + group)
+    x = b.input([2, C] + list(size))
+    y = b.conv(b.bn(x, C), C, 2 * C, (1, 1), (stride, stride), group=group)
+    result = fuse_and_check(b.model(y), {"Conv": 1, "BatchNormalization": 0})
+    assert result.report.fused[0].rule == "prebn"
+
+
+def test_batchnorm_before_a_padded_conv_stays_with_the_reason():
+    b = Builder(seed=13)
+    x = b.input([2, C, 9, 9])
+    y = b.conv(b.bn(x, C), C, C, (3, 3), pads=ONE)
+    assert_untouched(b.model(y), "per-channel shift before the padded Conv")
+
+
+def test_scale_before_a_padded_conv_folds():
+    """Only a shift sees the border: a per-channel scale (input normalization by 1/σ) folds."""
+    b = Builder(seed=14)
+    x = b.input([2, C, 9, 9])
+    y = b.conv(b.node("Mul", [x, b.const(b.rng.uniform(0.5, 2, (1, C, 1, 1)))]), C, C, (3, 3), pads=ONE)
+    fuse_and_check(b.model(y), {"Conv": 1, "Mul": 0})
+
+
+# ---------------------------------------------------------------- Gemm / MatMul
+
+
+def _gemm(b: Builder, x: str, c_in: int, c_out: int, trans_b: int = 1, **attrs) -> str:
+    shape = (c_out, c_in) if trans_b else (c_in, c_out)
+    return b.node("Gemm", [x, b.const(b.rng.normal(0, 0.5, shape)), b.const(b.rng.normal(0, 0.5, c_out), "b")],
+                  transB=trans_b, **attrs)
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta", [(1, 1.0, 1.0), (0, 1.0, 1.0), (1, 0.5, 2.0)])
+def test_batchnorm_before_and_after_gemm(trans_b, alpha, beta):
+    b = Builder(seed=15 + trans_b)
+    x = b.input([3, 6])
+    y = b.bn(_gemm(b, b.bn(x, 6), 6, 5, trans_b, alpha=alpha, beta=beta), 5)
+    result = fuse_and_check(b.model(y), {"Gemm": 1, "BatchNormalization": 0})
+    assert result.report.fused[0].kernel == []
+
+
+def test_two_linear_heads_averaged_are_one():
+    """RepViT's classifier: (head(bn(x)) + head_dist(bn'(x))) / 2."""
+    b = Builder(seed=16)
+    x = b.input([3, 8])
+    heads = b.add(_gemm(b, b.bn(x, 8), 8, 5), _gemm(b, b.bn(x, 8), 8, 5))
+    y = b.node("Div", [heads, b.const(np.array(2.0))])
+    fuse_and_check(b.model(y), {"Gemm": 1, "Add": 0, "Div": 0, "BatchNormalization": 0})
+
+
+def test_matmul_on_channels_last_with_affine_after_is_matmul_add():
+    b = Builder(seed=17)
+    x = b.input([2, 7, 6])
+    y = b.node("MatMul", [x, b.const(b.rng.normal(0, 0.5, (6, 5)))])
+    y = b.node("Mul", [b.node("Add", [y, b.const(b.rng.normal(0, 1, 5))]), b.const(b.rng.uniform(0.5, 2, 5))])
+    fuse_and_check(b.model(y), {"MatMul": 1, "Add": 1, "Mul": 0, "Conv": 0, "Transpose": 0})
+
+
+def test_matmul_add_alone_is_left_as_it_is():
+    """MatMul → Add is already a Linear's deploy form: rewriting it would change nothing."""
+    b = Builder(seed=18)
+    x = b.input([2, 7, 6])
+    y = b.node("Add", [b.node("MatMul", [x, b.const(b.rng.normal(0, 0.5, (6, 5)))]), b.const(b.rng.normal(0, 1, 5))])
+    model = b.model(y)
+    result = fuse_with_report(model)
+    assert not result.report.blocks
+    assert result.model.SerializeToString() == model.SerializeToString()
+
+
+def test_exact_but_costly_sum_is_not_half_fused():
+    """(depthwise 3×3 + depthwise 1×1) + dense 1×1: the whole merge costs more, and fusing only
+    the depthwise pair would leave a model that is neither form."""
+    b = Builder(seed=19)
+    x = b.input([2, C, 9, 9])
+    dw = b.add(b.bn(b.conv(x, C, C, (3, 3), pads=ONE, group=C, bias=False), C),
+               b.bn(b.conv(x, C, C, (1, 1), group=C, bias=False), C))
+    y = b.add(dw, b.bn(b.conv(x, C, C, (1, 1), bias=False), C))
+    result = fuse_and_check(b.model(y))
+    assert op_counts(result.model)["Add"] == 2 and op_counts(result.model)["Conv"] == 3
+    assert any("merging would cost more" in (r.reason or "") for r in result.report.unfused)
