@@ -33,7 +33,8 @@ class Progress:
         self.name, self.done, self.total, self.unit, self.scale = "", 0, None, "", 1
         self.drawn = False
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # the stage's fields
+        self._drawing = threading.Lock()    # one writer of the line at a time
         self._thread: Optional[threading.Thread] = None
         if self.redraw:
             self._thread = threading.Thread(target=self._run, name="reparam-onnx progress", daemon=True)
@@ -47,6 +48,8 @@ class Progress:
             self.name, self.done, self.total, self.unit, self.scale = name, 0, total, unit, scale
         if not self.redraw:
             self._write(f"{PREFIX}{name}\n")
+        elif time.monotonic() - self.start >= DELAY and not self._stop.is_set():
+            self._draw()   # a new stage shows at once, not at the next redraw
 
     def advance(self, amount: int = 1) -> None:
         self.done += amount   # read by the drawing thread; a torn read only shows an older count
@@ -57,9 +60,10 @@ class Progress:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self.drawn:
-            self._write("\r\033[K")
-            self.drawn = False
+        with self._drawing:
+            if self.drawn:
+                self._write("\r\033[K")
+                self.drawn = False
 
     def __enter__(self) -> "Progress":
         return self
@@ -79,11 +83,15 @@ class Progress:
         if self._stop.wait(max(0.0, DELAY - (time.monotonic() - self.start))):
             return
         while True:
-            if self.name:
-                self._write(f"\r{self.line()}\033[K")
-                self.drawn = True
+            self._draw()
             if self._stop.wait(INTERVAL):
                 return
+
+    def _draw(self) -> None:
+        with self._drawing:
+            if self.name and not self._stop.is_set():
+                self._write(f"\r{self.line()}\033[K")
+                self.drawn = True
 
     def _write(self, text: str) -> None:
         try:
