@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -43,7 +43,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
                      atol: float = 0.0, inputs: Optional[Dict[str, np.ndarray]] = None,
                      initializers_as_constants: bool = False, write: bool = True,
                      check_blocks: bool = True, allow_larger: bool = False,
-                     disable_rules: Iterable[str] = ()) -> FuseResult:
+                     disable_rules: Iterable[str] = (),
+                     progress: Optional[Callable[[str], None]] = None) -> FuseResult:
     """Fuse every exact, wanted block and say what happened.
 
     `model` is a path or an onnx.ModelProto; a ModelProto is never modified. `rules`
@@ -55,11 +56,15 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     its fused conv, and left unfused when they differ. A block whose merged conv would have
     more weights (multiply-adds) than its branches stays unless allow_larger=True.
     `disable_rules` names rules not to use (e.g. "generic": only the named families fuse).
+    `progress`, when given, is called with the name of each stage as it starts ("load",
+    "analyse and fuse", "verify").
     """
+    stage = progress or (lambda name: None)
     try:
         rulebook = load_rules(rules, builtin=builtin_rules, disabled=disable_rules)
     except RuleError as exc:
         raise InputError(str(exc)) from None
+    stage("load")
     original, folder, data_files = io.load(model)
     validate.check_model(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model")
     report = Report(ops_before=op_counts(original.graph))
@@ -73,6 +78,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         work = original            # not edited (analysis), or loaded here and not needed afterwards
     options = FuseOptions(rulebook, initializers_as_constants, str(folder) if folder else None,
                           check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol, allow_larger=allow_larger)
+    stage("analyse and fuse")
     report.blocks, notes = fuse_graph(work, options, write=write)
     for block in report.unfused:
         block.risk = None   # figures of weights that were never written
@@ -87,6 +93,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     elif not write:
         report.verification = Verification(ran=False, passed=True, message="analysis only")
     else:
+        stage("verify")
         report.verification = _verify(original, work, fused_blocks, seed, rtol, atol, inputs)
         if report.verification.ran and report.verification.message:
             report.notes.append(report.verification.message)
@@ -147,12 +154,13 @@ def fuse(model: ModelLike, *, verify: bool = True, rules: Iterable[str] = (), bu
          seed: int = 0, rtol: Optional[float] = None, atol: float = 0.0,
          inputs: Optional[Dict[str, np.ndarray]] = None, initializers_as_constants: bool = False,
          write: bool = True, check_blocks: bool = True, allow_larger: bool = False,
-         disable_rules: Iterable[str] = ()) -> onnx.ModelProto:
+         disable_rules: Iterable[str] = (),
+         progress: Optional[Callable[[str], None]] = None) -> onnx.ModelProto:
     """The fused model; see fuse_with_report for the options (the same, spelled out for type checkers)."""
     return fuse_with_report(model, verify=verify, rules=rules, builtin_rules=builtin_rules, seed=seed, rtol=rtol,
                             atol=atol, inputs=inputs, initializers_as_constants=initializers_as_constants,
                             write=write, check_blocks=check_blocks, allow_larger=allow_larger,
-                            disable_rules=disable_rules).model
+                            disable_rules=disable_rules, progress=progress).model
 
 
 def _failure(v: Verification) -> str:

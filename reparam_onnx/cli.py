@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import click
 
 from . import __version__, batch, io, risk
+from .progress import Progress
 from .api import fuse_with_report
 from .errors import InputError, ReparamError, VerificationError
 
@@ -131,6 +132,8 @@ def _load_inputs(path: Optional[str]):
               help="Treat initializers listed as graph inputs as constants (old exports, IR < 4).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Many models: how many run at once  [default: the number of cores]")
+@click.option("--progress/--no-progress", default=None,
+              help="A one-line progress indicator on stderr  [default: on a terminal, for runs over a second]")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="List every block.")
 @click.version_option(__version__, prog_name="reparam-onnx")
@@ -149,16 +152,21 @@ def run(*, models, output, out_dir, jobs, quiet, verbose, summary, report_path, 
     if len(models) == 1 and out_dir is None and not Path(models[0]).is_dir():
         return run_one(model=models[0], output=output, quiet=quiet, verbose=verbose, summary=summary,
                        report_path=report_path, **options)
+    options["progress"] = False   # a batch prints a line per model; its workers' stderr is a file
     return batch.run(models, output=output, out_dir=out_dir, jobs=jobs, quiet=quiet, verbose=verbose,
                      summary=summary, report_path=report_path, options=options)
 
 
 def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow_larger, report_path, rule_dirs,
-            disabled_rules, seed, rtol, atol, inputs_path, initializers_as_constants, quiet, verbose, summary) -> int:
+            disabled_rules, seed, rtol, atol, inputs_path, initializers_as_constants, quiet, verbose, summary,
+            progress=None) -> int:
     """One model, in this process."""
     report, error, code, kept = None, None, EXIT_OK, []
     asked, report_path = report_path, None   # no report until its path is known to be safe
+    # automatic on a terminal unless -q; erased before anything else is printed
+    bar = Progress(False if progress is None and quiet else progress)
     try:
+        bar.stage("read")
         reads, writes = files_of_run(model, output, in_place, check, inputs_path, rule_dirs)
         if asked:
             check_report_path(asked, reads + writes)
@@ -185,7 +193,7 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
                                   inputs=_load_inputs(inputs_path),
                                   initializers_as_constants=initializers_as_constants,
                                   check_blocks=not no_block_checks, allow_larger=allow_larger,
-                                  disable_rules=disabled_rules)
+                                  disable_rules=disabled_rules, progress=bar.stage)
         report = result.report
         if check:
             remaining = [b for b in report.blocks if b.fusable]
@@ -193,9 +201,11 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
         # in place with nothing fused, the model and its data files stay as they are, not even rewritten
         untouched = in_place and not report.written
         if not check and not untouched:
+            bar.stage("save", unit=" MB", scale=1 << 20)
             kept = io.save(result.model, output, external=result.external_data,
                            protect=_protected(reads, in_place),
-                           replaces=result.data_files if in_place else ())
+                           replaces=result.data_files if in_place else (), progress=_counter(bar))
+        bar.close()
         if not quiet:
             say(report.to_text(verbose=verbose, dry_run=check), asked)
             if summary:
@@ -209,6 +219,7 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
                 for path, why in kept:
                     say(f"kept {path}: {why}", asked)
     except VerificationError as exc:
+        bar.close()
         report, error, code = exc.report, str(exc), EXIT_VERIFY
         if not quiet and report is not None:
             say(report.to_text(verbose=verbose), asked)
@@ -218,6 +229,8 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
         error, code = "out of memory", EXIT_INPUT
     except Exception as exc:  # a bug: still one line, never a traceback
         error, code = f"internal error ({type(exc).__name__}: {exc}); please report it", EXIT_BUG
+    finally:
+        bar.close()
     written = output if code in (EXIT_OK, EXIT_CHECK) and not check else None
     problem = write_json(report_path, _report_data(report, error, code, model, written, kept))
     if error:
@@ -226,6 +239,13 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
         code = max(code, EXIT_INPUT)
         fail(problem, code)
     return code
+
+
+def _counter(bar: Progress):
+    """io.save's progress(done, total) as the bar's count."""
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.done = total, done
+    return progress
 
 
 def main(argv=None) -> None:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -49,7 +50,7 @@ def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Opt
     if path.stat().st_size == 0:
         raise InputError(f"'{path}' is empty")
     try:
-        model = _parse(path, keep=False)
+        model = _parse(path, take=True)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"'{path}' is not an ONNX model ({_first_line(exc) or type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
@@ -155,41 +156,66 @@ def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: 
 _parsed: Dict[tuple, onnx.ModelProto] = {}
 
 
-def _parse(path: Path, keep: bool) -> onnx.ModelProto:
+def _parse(path: Path, keep: bool = False, take: bool = False) -> onnx.ModelProto:
     """The model in the file, without external data. The command's file checks read the input
-    before load() does: the last parse is kept (keep=True) for the next caller, by file identity
-    (device, inode, size, mtime), so a large model is parsed once; load() takes it (keep=False)."""
+    before load() does: that parse is kept (keep=True, the only one kept) by file identity
+    (device, inode, size, mtime), so a large model is parsed once; load() takes it (take=True:
+    it edits the model). Parsing another file (the output it replaces, other models in its
+    folder) leaves it kept."""
     info = path.stat()
     key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    model = _parsed.pop(key, None)
+    model = _parsed.pop(key, None) if take else _parsed.get(key)
     if model is None:
         model = onnx.load(str(path), load_external_data=False)
-    _parsed.clear()
-    if keep:
-        _parsed[key] = model
+        if keep:
+            _parsed.clear()
+            _parsed[key] = model
     return model
 
 
-def external_locations(path: PathLike) -> Optional[List[Path]]:
+def external_locations(path: PathLike, keep: bool = False) -> Optional[List[Path]]:
     """The data files a model file refers to (as written, relative to its folder), or None
     when the file cannot be read as a model (it might refer to anything). Only a regular
-    file is read: a pipe or a FIFO is left for load() to judge, unread."""
+    file is read: a pipe or a FIFO is left for load() to judge, unread. keep=True: the parse
+    is kept for load() (the input model)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        model = _parse(path, keep=True)
+        model = _parse(path, keep=keep)
     except Exception:  # not a model, unreadable, too large: nothing can be said
         return None
     return [path.parent / entry.value for t in _all_tensors(model.graph) for entry in t.external_data
             if entry.key == "location"]
 
 
+# an external-data entry's key, as every writer serializes it: field 1 (key), 8 bytes, "location"
+_LOCATION = b"\n\x08location"
+
+
+def _replaced_locations(path: Path) -> List[Path]:
+    """The data files of the model at `path` that an output written there replaces ([] when
+    there is none or it is not a model). A file without an external-data entry's bytes
+    anywhere is not parsed: it names no data file (a large inline output would cost a parse)."""
+    if not path.is_file():
+        return []
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return []
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                if view.find(_LOCATION) < 0:
+                    return []
+    except (OSError, ValueError):
+        pass   # let the parse decide
+    return external_locations(path) or []
+
+
 # ---------------------------------------------------------------- the files of a run
 
 def read_files(model: PathLike, extra: Files = ()) -> Files:
     """Every file a run reads: the input model first, then its external data and `extra`."""
-    data = external_locations(model) or []
+    data = external_locations(model, keep=True) or []
     return [(INPUT_MODEL, Path(model))] + [("the input's external data", p) for p in data] + \
         [(what, Path(p)) for what, p in extra]
 
@@ -198,9 +224,9 @@ def written_files(output: PathLike, protect: Sequence[PathLike]) -> Files:
     """Every file writing `output` (with `protect` as save() gets it) may write or replace:
     the model, the data file save() would choose, the data files of the model it replaces."""
     path = Path(output)
-    replaced = external_locations(path) if path.is_file() else []
+    replaced = _replaced_locations(path)
     return [("the output model", path), ("the output's external data", _data_path(path, protect))] + \
-        [("the external data of the output it replaces", p) for p in replaced or []]
+        [("the external data of the output it replaces", p) for p in replaced]
 
 
 def refuse_clash(what: str, path: PathLike, files: Files) -> None:
@@ -214,7 +240,8 @@ def refuse_clash(what: str, path: PathLike, files: Files) -> None:
 # ---------------------------------------------------------------- saving
 
 def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
-         protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = ()) -> List[Tuple[Path, str]]:
+         protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = (),
+         progress: Optional[Callable[[int, int], None]] = None) -> List[Tuple[Path, str]]:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
@@ -227,6 +254,7 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     (file, why it was kept).
     A replaced file keeps its mode (a new data file takes that of the first file in
     `replaces`); a new file gets 0666 & ~umask, as open() would give it.
+    `progress(done, total)` is told the bytes written so far (model file, or data file then model file).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -237,13 +265,19 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     protect, replaces = list(protect), list(replaces)
     if any(same_file(path, p) for p in protect):
         raise InputError(f"writing '{path}' would overwrite the input model; choose another output name")
-    external = external or _too_large_for_one_file(model)
+    parts = None if external else serialized_parts(model)
+    external = external or parts_size(parts) >= TWO_GIB
     data_path = None
+    count = _Count(progress)
     if external:
+        parts = None   # the inline serialization is not used: let its pieces go
         data_path = _data_path(path, protect)
         like = None if data_path.exists() else next(iter(replaces), None)
-        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name), like=like)
-    write_atomic(path, lambda f: f.write(model.SerializeToString()))
+        count.total = sum(map(_raw_size, _externalized(model)))
+        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name, count), like=like)
+        parts = serialized_parts(model)
+    count.total += parts_size(parts)
+    write_atomic(path, lambda f: write_parts(model, parts, f, count))
     kept = []
     for old in map(Path, replaces):
         if data_path is not None and same_file(old, data_path):
@@ -259,27 +293,10 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     return kept
 
 
-_MARGIN = 256 << 20   # more than any graph's nodes and names take besides its tensor data
-
-
-def _too_large_for_one_file(model: onnx.ModelProto) -> bool:
-    """Whether the model reaches protobuf's 2 GiB: decided from the tensor payloads (dims × item
-    size, no serialization) unless they come within _MARGIN of it; then by ByteSize."""
-    payload = 0
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
-                                                for a in n.attribute if a.HasField("t")]
-    for tensor in tensors:
-        size = _ITEM_SIZE.get(tensor.data_type)
-        payload += math.prod(tensor.dims) * size if size else tensor.ByteSize()
-    if payload + _MARGIN < TWO_GIB:
-        return False
-    return model.ByteSize() >= TWO_GIB
-
-
 def _data_path(path: Path, protect) -> Path:
     """'<output>.data', or the first '<output>.N.data' that is neither protected nor an
     unrelated file; a data file of the output being replaced is reused when nothing else uses it."""
-    own = (external_locations(path) or []) if path.is_file() else []
+    own = _replaced_locations(path)
     for n in range(0, 1000):
         candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
         if any(same_file(candidate, p) for p in protect):
@@ -330,11 +347,20 @@ def _folders_up(start: Path, top: Path) -> List[Path]:
     return folders if top in folders else folders + [top]
 
 
-def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
+def _externalized(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    """The initializers _externalize moves to the data file."""
+    return (t for t in model.graph.initializer if t.HasField("raw_data") and _raw_size(t) >= EXTERNAL_THRESHOLD)
+
+
+def _raw_size(tensor: onnx.TensorProto) -> int:
+    """The length of raw_data, from the dims where the type says (reading raw_data copies it)."""
+    length = _raw_length(tensor)
+    return len(tensor.raw_data) if length is None else length
+
+
+def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count") -> None:
     offset = 0
-    for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
-            continue
+    for tensor in _externalized(model):
         pad = (-offset) % 4096
         handle.write(b"\0" * pad)
         offset += pad
@@ -347,6 +373,216 @@ def _externalize(model: onnx.ModelProto, handle, location: str) -> None:
         tensor.data_location = onnx.TensorProto.EXTERNAL
         tensor.ClearField("raw_data")
         offset += len(data)
+        count(len(data))
+        del data   # one tensor's bytes at a time
+
+
+# ---------------------------------------------------------------- streamed serialization
+#
+# model.SerializeToString() holds a second copy of the whole model (and upb builds it slowly).
+# Protobuf writes a message's fields in field-number order, each a record of its own (a
+# submessage as tag, length, its own serialization; each element of a repeated message field
+# as one such record), then the fields it did not know. So the model is written as a list of
+# parts: the bytes of its small fields, serialized a few fields at a time, and, for each large
+# tensor, its raw_data record, read from the tensor only when its turn comes. The bytes are
+# those of SerializeToString (tests compare them on many models).
+
+STREAM_MIN = 64 << 10   # raw_data of at least this many bytes is streamed; smaller goes with its neighbours
+
+
+class _RawData:
+    """The raw_data record of a tensor: its header now, its bytes when written."""
+    __slots__ = ("tensor", "length", "header")
+
+    def __init__(self, tensor: onnx.TensorProto, length: int):
+        self.tensor, self.length = tensor, length
+        self.header = _key(_RAW_DATA) + _varint(length)
+
+    def __len__(self) -> int:
+        return len(self.header) + self.length
+
+
+class _Mismatch(Exception):
+    """A tensor's raw_data is not as long as its dims say: the parts' lengths were wrong."""
+
+
+Part = Union[bytes, _RawData]
+_Handler = Callable[[Any, Any], Optional[List[Part]]]
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+def serialized_parts(model: onnx.ModelProto) -> List[Part]:
+    """The parts whose concatenation is model.SerializeToString() (see write_parts)."""
+    return _parts(model, {"graph": _submessage(_graph_parts)})
+
+
+def parts_size(parts: Optional[List[Part]]) -> int:
+    """The serialized size of the model (0 for None)."""
+    return sum(map(len, parts or ()))
+
+
+class _Count:
+    """Bytes written, told to a progress callback (done, total)."""
+
+    def __init__(self, progress: Optional[Callable[[int, int], None]]):
+        self.progress, self.done, self.total = progress, 0, 0
+
+    def __call__(self, written: int) -> None:
+        self.done += written
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Optional[_Count] = None) -> None:
+    """Write the parts, each large tensor's bytes read from the model in turn (one at a time
+    in memory); a tensor whose length was mispredicted sends the whole model through
+    SerializeToString instead (the file is rewritten from its start)."""
+    try:
+        for part in parts:
+            if isinstance(part, bytes):
+                handle.write(part)
+            else:
+                data = part.tensor.raw_data
+                if len(data) != part.length:
+                    raise _Mismatch(part.tensor.name)
+                handle.write(part.header)
+                handle.write(data)
+                del data
+            if count is not None:
+                count(len(part))
+    except _Mismatch:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(model.SerializeToString())
+
+
+def _parts(message, special: Dict[str, _Handler]) -> List[Part]:
+    """`message` as parts: its fields in number order, those named in `special` through their
+    handler, the others serialized together with their plain neighbours. A message with fields
+    unknown to this protobuf (written last) is serialized whole."""
+    if _has_unknown(message):
+        return [message.SerializeToString()]
+    parts: List[Part] = []
+    plain = None
+    for field in sorted(message.DESCRIPTOR.fields, key=lambda f: f.number):
+        if not _present(message, field):
+            continue
+        handler = special.get(field.name)
+        out = handler(message, field) if handler else None
+        if out is None:   # a plain field (or one its handler leaves plain)
+            if plain is None:
+                plain = type(message)()
+            _copy_field(message, plain, field)
+            continue
+        if plain is not None:
+            parts.append(plain.SerializeToString())
+            plain = None
+        parts.extend(out)
+    if plain is not None:
+        parts.append(plain.SerializeToString())
+    return parts
+
+
+def _repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)   # protobuf 7 dropped `label`
+    return field.label == field.LABEL_REPEATED if repeated is None else bool(repeated)
+
+
+def _present(message, field) -> bool:
+    if _repeated(field):
+        return len(getattr(message, field.name)) > 0
+    return message.HasField(field.name)
+
+
+def _copy_field(source, target, field) -> None:
+    value = getattr(source, field.name)
+    if _repeated(field):
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _has_unknown(message) -> bool:
+    from google.protobuf import unknown_fields
+    return len(unknown_fields.UnknownFieldSet(message)) > 0
+
+
+def _key(number: int) -> bytes:
+    """The tag of a length-delimited field."""
+    return _varint(number << 3 | 2)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _record(number: int, parts: List[Part]) -> List[Part]:
+    """A length-delimited record of field `number` holding `parts`."""
+    return [_key(number) + _varint(parts_size(parts))] + parts
+
+
+def _submessage(parts_of):
+    """A handler writing a singular message field as a record of parts_of(the message)."""
+    return lambda message, field: _record(field.number, parts_of(getattr(message, field.name)))
+
+
+def _each(parts_of, wanted=lambda element: True):
+    """A handler writing a repeated message field element by element, each a record of
+    parts_of(element); plain (None) when no element is `wanted`."""
+    def handler(message, field):
+        elements = getattr(message, field.name)
+        if not any(wanted(e) for e in elements):
+            return None
+        out: List[Part] = []
+        for element in elements:
+            out.extend(_record(field.number, parts_of(element) if wanted(element) else [element.SerializeToString()]))
+        return out
+    return handler
+
+
+def _graph_parts(graph: onnx.GraphProto) -> List[Part]:
+    return _parts(graph, {"initializer": _each(_tensor_parts, _large),
+                          "node": _each(_node_parts, _has_large_attribute)})
+
+
+def _node_parts(node: onnx.NodeProto) -> List[Part]:
+    return _parts(node, {"attribute": _each(_attribute_parts, _has_large_tensor)})
+
+
+def _attribute_parts(attribute: onnx.AttributeProto) -> List[Part]:
+    return _parts(attribute, {"t": _submessage(_tensor_parts)})
+
+
+def _has_large_attribute(node: onnx.NodeProto) -> bool:
+    return any(_has_large_tensor(a) for a in node.attribute)
+
+
+def _has_large_tensor(attribute: onnx.AttributeProto) -> bool:
+    return attribute.HasField("t") and _large(attribute.t)
+
+
+def _large(tensor: onnx.TensorProto) -> bool:
+    if not tensor.HasField("raw_data"):
+        return False
+    length = _raw_length(tensor)
+    return length is not None and length >= STREAM_MIN
+
+
+def _raw_length(tensor: onnx.TensorProto) -> Optional[int]:
+    """How long the tensor's raw_data is, from its dims (None: a type whose size is not known here)."""
+    size = _ITEM_SIZE.get(tensor.data_type)
+    return None if size is None else math.prod(tensor.dims) * size
+
+
+def _tensor_parts(tensor: onnx.TensorProto) -> List[Part]:
+    return _parts(tensor, {"raw_data": lambda t, field: [_RawData(t, _raw_length(t))]})
 
 
 def write_atomic(path: Path, write, like: Optional[PathLike] = None) -> None:

@@ -72,7 +72,10 @@ class _Runner:
     """One model in one onnxruntime session (onnx's reference evaluator where onnxruntime
     lacks a kernel, e.g. double Conv), exposing `extra` intermediate tensors as outputs.
 
-    The model is only read: the session is built from a skeleton beside it (see _skeleton)."""
+    The model is only read: the session is built from a skeleton beside it (see _skeleton),
+    whose large weights are graph inputs fed with every run from arrays the runner holds:
+    onnxruntime reads them where they are. (Given as initializers, onnxruntime would copy
+    them in, and a model's weights would be in memory twice more while its session is made.)"""
 
     def __init__(self, model, extra: Iterable[str] = (), types: Optional[Dict[str, int]] = None,
                  given: Sequence[str] = ()):
@@ -81,21 +84,22 @@ class _Runner:
         model, arrays = model if isinstance(model, tuple) else (model, {})
         skeleton, weights = _skeleton(model)
         _expose(skeleton, extra, given, types or {})
+        self.weights = {name: np.ascontiguousarray(a) for name, a in {**weights, **arrays}.items()}
         try:
-            self.session = _session(skeleton, {**weights, **arrays})
+            self.session = _session(skeleton, self.weights)
             self.evaluator = None
         except Exception as exc:
             if "NOT_IMPLEMENTED" not in str(exc):
                 raise
             from onnx.reference import ReferenceEvaluator   # small models in practice (double Conv)
-            full = _with_data(skeleton, {**weights, **arrays})
-            self.session, self.evaluator = None, ReferenceEvaluator(full)
+            full = _with_data(skeleton, self.weights)
+            self.session, self.evaluator, self.weights = None, ReferenceEvaluator(full), {}
 
     def __call__(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if self.evaluator is not None:
             return dict(zip(self.evaluator.output_names, self.evaluator.run(None, feeds)))
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feeds)))
+        return dict(zip(names, self.session.run(names, {**feeds, **self.weights})))
 
 
 def _expose(model: onnx.ModelProto, extra: Iterable[str], given: Sequence[str], types: Dict[str, int]) -> None:
@@ -184,7 +188,8 @@ def choices(original: onnx.ModelProto, fused: onnx.ModelProto, types: Dict[str, 
 
 def _session(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]):
     """An onnxruntime session of the model as written (graph optimizations off: runtime fusions
-    would blur what is compared), the data of its stub initializers given as `arrays`."""
+    would blur what is compared), its stub initializers `arrays` turned into graph inputs (the
+    caller feeds them with every run)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -192,15 +197,22 @@ def _session(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]):
     threads = os.environ.get(THREADS_ENV, "")
     if threads.isdigit() and int(threads) > 0:   # set by the batch for its workers
         options.intra_op_num_threads = int(threads)
-    names = sorted(arrays)
-    # an OrtValue does not keep its array alive: hold the (contiguous) arrays until the session
-    # has copied them in; they may go afterwards
-    held = [np.ascontiguousarray(arrays[n]) for n in names]
-    if names:
-        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in held])
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del held
-    return session
+    return ort.InferenceSession(_fed(model, arrays).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _fed(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the skeleton whose initializers named in `arrays` are graph inputs instead
+    (of their type and shape; already inputs in IR < 4 models, they stay as they are)."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    _copy_fields(model.graph, out.graph, skip={"initializer"})
+    inputs = {i.name for i in out.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in arrays:
+            out.graph.initializer.add().CopyFrom(tensor)
+        elif tensor.name not in inputs:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return out
 
 
 def _with_data(model: onnx.ModelProto, arrays: Dict[str, np.ndarray]) -> onnx.ModelProto:
