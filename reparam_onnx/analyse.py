@@ -106,15 +106,19 @@ class Analyser:
     @staticmethod
     def _worth_reporting(expr: Expr, decision: Decision) -> bool:
         """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv)
-        and fails a condition of such a fold: always for a BatchNormalization; for another affine op,
-        unless it is not per-channel (an attention mask) or in a layout no Linear keeps. Convs in
-        sequence that would cost more merged, or do not merge, are just a network."""
+        and fails a condition of such a fold: always for a BatchNormalization, or an op after a Conv
+        (not a Linear: MatMul + Add is its own deploy form); for another op, unless it is not
+        per-channel (an attention mask) or in a layout no Linear keeps. Convs in sequence that
+        would cost more merged are just a network."""
         if decision.report.fused:
             return True
         if decision.report.code == "cost":
             return False
-        affine = [op for op in chain_ops(expr) if isinstance(op, Affine)]
-        if any(op.kind == "batchnorm" for op in affine):
+        ops = chain_ops(expr)   # output first
+        affine = [op for op in ops if isinstance(op, Affine)]
+        first_conv = next((i for i, op in enumerate(ops) if isinstance(op, Conv)), None)
+        conv_then_affine = first_conv is not None and first_conv > 0 and not ops[first_conv].linear
+        if conv_then_affine or any(op.kind == "batchnorm" for op in affine):
             return True
         return bool(affine) and decision.report.code not in ("channels", "layout", "shape", "not_linear")
 
@@ -254,16 +258,16 @@ class Analyser:
             reason = f"conv weights have dtype(s) {sorted(d.name for d in dtypes)}; one of float16/32/64 is needed"
         else:
             dtype = dtypes.pop()
-            limit = np.finfo(dtype).max
             value = decision.value
-            if np.isnan(value.kernel).any() or np.isnan(value.bias).any():
-                reason = "a parameter of the block is NaN"
-            elif not (np.all(np.abs(value.kernel) <= limit) and np.all(np.abs(value.bias) <= limit)):
-                reason = f"fused weights exceed the {dtype.name} range"
+            # cast once, now (the float64 kernels of every block need not wait for the rewrite); a
+            # weight beyond the dtype's range becomes ±inf, a NaN stays NaN: one pass finds both
+            kernel, bias = value.kernel.astype(dtype), value.bias.astype(dtype)
+            if not (np.isfinite(kernel).all() and np.isfinite(bias).all()):
+                reason = "a parameter of the block is NaN" if np.isnan(value.kernel).any() or \
+                    np.isnan(value.bias).any() else f"fused weights exceed the {dtype.name} range"
             else:
                 decision.report.risk = numeric_risk(value.kernel, value.bias)   # of the exact float64 weights
-                # cast once, now: the float64 kernels of every block need not wait for the rewrite
-                value.kernel, value.bias = value.kernel.astype(dtype), value.bias.astype(dtype)
+                value.kernel, value.bias = kernel, bias
             decision.dtype = dtype.type
         if reason:
             decision.report.fused, decision.report.reason, decision.report.code = False, reason, "dtype"
