@@ -150,6 +150,18 @@ def load_npz(path) -> Dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
+def assert_matches_the_framework(fused: onnx.ModelProto, path, io_path) -> None:
+    """The fused model against the framework's own float64 output (io.npz: input, output_f64) and
+    against the training graph it came from, both within float32's 1e-5: as exact as the original."""
+    io = load_npz(io_path)
+    original = onnx.load(str(path))
+    feeds = {original.graph.input[0].name: io["input"]}
+    (out,) = run_model(fused, feeds).values()
+    (train,) = run_model(original, feeds).values()
+    assert max_rel_error(io["output_f64"], out) <= 1e-5
+    assert max_rel_error(train, out) <= 1e-5
+
+
 def op_counts(model: onnx.ModelProto) -> Dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 

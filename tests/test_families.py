@@ -9,7 +9,7 @@ from collections import Counter
 import onnx
 import pytest
 
-from conftest import FIXTURES, load_npz, max_rel_error, run_model
+from conftest import FIXTURES, assert_matches_the_framework, load_npz, max_rel_error, run_model
 from reparam_onnx import fuse_with_report
 
 FAMILIES = FIXTURES / "families"
@@ -48,13 +48,7 @@ def test_exact_family_fuses_to_deploy_form(family, variant):
     assert not result.report.unfused, [b.reason for b in result.report.unfused]
     assert result.report.verification.passed
 
-    io = load_npz(FAMILIES / f"{family}.io.npz")
-    original = onnx.load(str(path))
-    feeds = {original.graph.input[0].name: io["input"]}
-    (out,) = run_model(result.model, feeds).values()
-    (train,) = run_model(original, feeds).values()
-    assert max_rel_error(io["output_f64"], out) <= 1e-5
-    assert max_rel_error(train, out) <= 1e-5
+    assert_matches_the_framework(result.model, path, FAMILIES / f"{family}.io.npz")
 
 
 @pytest.mark.parametrize("family,variant", INEXACT, ids=_ids(INEXACT))

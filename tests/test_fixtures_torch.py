@@ -7,7 +7,7 @@ from collections import Counter
 import onnx
 import pytest
 
-from conftest import FIXTURES, load_npz, max_rel_error, run_model
+from conftest import FIXTURES, assert_matches_the_framework
 from reparam_onnx import fuse_with_report
 
 TORCH = FIXTURES / "torch"
@@ -32,14 +32,7 @@ def test_export_fuses_to_deploy_form(family, variant, tmp_path):
     assert not result.report.unfused, [b.reason for b in result.report.unfused]
     assert result.report.verification.passed
 
-    io = load_npz(TORCH / f"{family}.io.npz")
-    original = onnx.load(str(path))
-    feeds = {original.graph.input[0].name: io["input"]}
-    (out,) = run_model(result.model, feeds).values()
-    # against the framework itself, in float64: the fused model is as exact as the training graph
-    (train,) = run_model(original, feeds).values()
-    assert max_rel_error(io["output_f64"], out) <= 1e-5
-    assert max_rel_error(train, out) <= 1e-5
+    assert_matches_the_framework(result.model, path, TORCH / f"{family}.io.npz")
 
 
 def test_every_family_has_a_real_export():
