@@ -22,7 +22,8 @@ import numpy as np
 from . import kernels
 from .geometry import ConvGeometry, GeometryError, align, conv_geometry
 from .geometry import compose as compose_geometry
-from .terms import Affine, AvgPool, Conv, Expr, Leaf, Pad, Regroup, Scatter, Shared, Sum, Transpose, block_exprs
+from .terms import (Affine, AvgPool, Conv, Expr, Leaf, Pad, Regroup, Scatter, Shared, Sum, Transpose, before_any_regroup,
+                    block_exprs)
 
 
 MAX_MERGED_WEIGHTS = 1 << 26   # a merged kernel is never larger than this, even when asked
@@ -364,7 +365,7 @@ def output_shape_kept(value, ctx: Context, dims: Optional[Sequence[Optional[int]
         return None
     expected = None if dims is None else tuple(dims[:-1]) + (_channels(value, ctx),)
     if regroup.like is not None:
-        if regroup.like_before:
+        if before_any_regroup(regroup.input, regroup.like, ctx.source):
             return None   # the Shape of a tensor of this chain before any regrouping: the output's own
     elif regroup.target is not None and expected is not None and len(regroup.target) == len(expected):
         inferred = [i for i, d in enumerate(regroup.target) if d == -1]

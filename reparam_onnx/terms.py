@@ -102,14 +102,13 @@ class Regroup(Expr):
     """Flatten or Reshape keeping the last axis whole: positions are regrouped, none is mixed, so a
     map of the channels (on the last axis) passes through it. The output shape is `target` (a
     Reshape's constant shape, -1 inferred), or that of tensor `like` (Reshape to Shape(like),
-    `like_dims` its dims, `like_before` whether it lies below on this chain, before any regroup),
+    `like_dims` its dims),
     or [·, C] (Flatten at the last axis)."""
     input: Expr = None
     rank: int = 2                                 # of the output
     target: Optional[tuple] = None
     like: Optional[str] = None
     like_dims: Optional[tuple] = None
-    like_before: bool = False
 
     def children(self):
         return [self.input]
@@ -433,15 +432,15 @@ def _reshape(w: Walker, node, tensor, depth):
     dims = w.index.shapes.get(like, (None, None))[0]
     if dims is None:
         return None
-    return Regroup(tensor, [node], input=x, rank=len(dims), like=like, like_dims=tuple(dims),
-                   like_before=_before_any_regroup(x, like))
+    return Regroup(tensor, [node], input=x, rank=len(dims), like=like, like_dims=tuple(dims))
 
 
-def _before_any_regroup(expr: Expr, tensor: str) -> bool:
+def before_any_regroup(expr: Expr, tensor: str, source: str) -> bool:
     """`tensor` is computed on this chain below `expr` by per-channel ops and regroupings only,
-    and below it the chain down to where it stops has no regrouping."""
+    and below it, down to `source`, the chain has no regrouping: its shape is the source's with
+    the channels of the ops between."""
     e, found = expr, False
-    while isinstance(e, (Affine, Regroup, Conv, Transpose)):
+    while isinstance(e, (Affine, Regroup, Conv, Transpose)) and e.tensor != source:
         if e.tensor == tensor:
             found = True
         elif not found and isinstance(e, (Conv, Transpose)):

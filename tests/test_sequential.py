@@ -354,3 +354,15 @@ def test_chain_through_a_linear_never_starts_inside_its_node():
     result = fuse_and_check(b.model(y), {"Mul": 1, "MatMul": 1, "Add": 1}, check_blocks=False, verify=False)
     assert [r.input for r in result.report.fused] == ["mul1_out"]
     assert not result.report.unfused   # a per-token scale is not a block to report
+
+
+def test_tokens_regrouped_before_the_block_do_not_hide_its_shape():
+    """LeViT's Subsample without constant folding: a Reshape of the input (its own regrouping,
+    not the block's) before Linear → Flatten → BN → Reshape(Shape(linear output)): the output's
+    shape is proven from the block input on, past the Reshape before it."""
+    b = Builder(seed=27)
+    x = b.input(["B", 3, 3, 6])
+    tokens = b.node("Reshape", [x, _int_const(b, [-1, 9, 6])])
+    y = _levit(b, tokens, 9, 6, 5, "shape")
+    fuse_and_check(b.model(y), {"MatMul": 1, "Add": 1, "BatchNormalization": 0, "Flatten": 0, "Shape": 0,
+                                "Reshape": 1})
