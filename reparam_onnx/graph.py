@@ -76,6 +76,11 @@ class GraphIndex:
             return self._values[name]
         return self._compute(name, depth=0)
 
+    def forget(self, names) -> None:
+        """Drop the cached values of these tensors (their arrays are freed when no one else holds them)."""
+        for name in names:
+            self._values.pop(name, None)
+
     def try_value(self, name: str) -> Optional[np.ndarray]:
         try:
             return self.value(name)

@@ -55,6 +55,11 @@ def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decis
         applied.append((d, new_nodes))
         for name, array in params.items():
             add_initializer(graph, name, array)
+        # the fused arrays are in the graph now, and the block's own parameters are read by no
+        # one else (exclusivity): let both go before the next block, not after the last
+        d.value.kernel = d.value.bias = None
+        analyser.index.forget(i for n in nodes for i in n.input)
+        del params
         removed.update(id(n) for n in nodes)
         replace[id(root)] = new_nodes
         d.report.nodes = [n.name for n in nodes]
