@@ -21,7 +21,12 @@ MAX_FOLD_ELEMENTS = 1 << 26
 
 
 class NotConstant(Exception):
-    """The tensor depends on a model input (the message says how)."""
+    """The tensor depends on a model input (the message says how). `deep`: the walk hit the depth
+    limit on the way, so the verdict depends on where the question started."""
+
+    def __init__(self, message: str, deep: bool = False):
+        super().__init__(message)
+        self.deep = deep
 
 
 def attributes(node: onnx.NodeProto) -> dict:
@@ -58,6 +63,7 @@ class GraphIndex:
         self.initializers_are_constant = initializers_are_constant
         self.external_base = external_base
         self._values: Dict[str, np.ndarray] = {}
+        self._not_constant: Dict[str, str] = {}   # tensor → why it is not a constant
 
     def fan_out(self, name: str) -> int:
         return len(self.consumers.get(name, ())) + (name in self.outputs)
@@ -90,8 +96,20 @@ class GraphIndex:
     def _compute(self, name: str, depth: int) -> np.ndarray:
         if name in self._values:
             return self._values[name]
+        if name in self._not_constant:   # a verdict reached once holds: the graph does not change
+            raise NotConstant(self._not_constant[name])   # a new one: a raised exception keeps its traceback
         if depth > 64:
-            raise NotConstant(f"'{name}' is computed by too deep a subgraph")
+            raise NotConstant(f"'{name}' is computed by too deep a subgraph", deep=True)
+        try:
+            value = self._compute_once(name, depth)
+        except NotConstant as exc:
+            if not exc.deep:
+                self._not_constant[name] = str(exc)
+            raise
+        self._values[name] = value
+        return value
+
+    def _compute_once(self, name: str, depth: int) -> np.ndarray:
         if name in self.initializers:
             if self.overridable(name):
                 raise NotConstant(f"'{name}' is a graph input (it can be overridden at run time)")
@@ -105,7 +123,6 @@ class GraphIndex:
             value = self._evaluate(node, name, depth)
         else:
             raise NotConstant(f"'{name}' is not produced by any node")
-        self._values[name] = value
         return value
 
     def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
