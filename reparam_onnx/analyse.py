@@ -103,8 +103,7 @@ class Analyser:
             return shorter if shorter.report.fused or self._worth_reporting(expr, decision) else decision
         return decision if self._worth_reporting(expr, decision) else None
 
-    @staticmethod
-    def _worth_reporting(expr: Expr, decision: Decision) -> bool:
+    def _worth_reporting(self, expr: Expr, decision: Decision) -> bool:
         """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv)
         and fails a condition of such a fold: always for a BatchNormalization, or an op after a Conv
         (not a Linear: MatMul + Add is its own deploy form); for another op, unless it is not
@@ -112,7 +111,7 @@ class Analyser:
         would cost more merged are just a network."""
         if decision.report.fused:
             return True
-        if decision.report.code == "cost":
+        if decision.report.code == "cost" or self._product_of_activations(expr):
             return False
         ops = chain_ops(expr)   # output first
         affine = [op for op in ops if isinstance(op, Affine)]
@@ -121,6 +120,17 @@ class Analyser:
         if conv_then_affine or any(op.kind == "batchnorm" for op in affine):
             return True
         return bool(affine) and decision.report.code not in ("channels", "layout", "shape", "not_linear")
+
+    def _product_of_activations(self, expr: Expr) -> bool:
+        """The chain's Conv/MatMul/Gemm multiplies by a tensor computed from the model's inputs
+        (attention's q·kᵀ, a dynamic conv): not a layer with weights, so not a block. An
+        initializer listed as a graph input is still a weight (--initializers-as-constants)."""
+        for node in block_nodes(expr):
+            if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1:
+                weight = node.input[1]
+                if self.index.try_value(weight) is None and weight not in self.index.initializers:
+                    return True
+        return False
 
     def _decide_from(self, expr: Expr, source: str) -> Decision:
         ctx, failure = self.context(expr, source)

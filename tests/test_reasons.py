@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
+from onnx import helper
 
 from conftest import Builder, repvgg_block
 from reparam_onnx import fuse_with_report
@@ -76,3 +79,21 @@ def test_a_node_fused_by_an_earlier_pass_is_named_by_its_originals():
     assert left.code == "border"
     originals = {n.name for n in model.graph.node if n.op_type != "BatchNormalization" or n.input[0] != "x"}
     assert set(left.reason_nodes) == originals
+
+
+def test_attention_products_are_not_blocks():
+    """q·kᵀ scaled (attention): the MatMul multiplies two activations; nothing to fuse, nothing to
+    report. A Conv whose weight is an initializer listed as a graph input still is a block."""
+    b = Builder(seed=6)
+    q = b.input([2, 5, 8], "q")
+    k = b.input([2, 8, 5], "k")
+    y = b.node("Mul", [b.node("MatMul", [q, k]), b.const(np.array(0.25))])
+    result = fuse_with_report(b.model(y), verify=False)
+    assert not result.report.blocks
+    b = Builder(seed=7)
+    x = b.input([1, C, 9, 9])
+    model = b.model(b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C))
+    weight = model.graph.initializer[0]
+    model.graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
+    (left,) = fuse_with_report(model, verify=False).report.unfused
+    assert "graph input" in left.reason and left.code == "operand"
