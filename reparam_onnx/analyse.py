@@ -124,11 +124,12 @@ class Analyser:
     def _product_of_activations(self, expr: Expr) -> bool:
         """The chain's Conv/MatMul/Gemm multiplies by a tensor computed from the model's inputs
         (attention's q·kᵀ, a dynamic conv): not a layer with weights, so not a block. An
-        initializer listed as a graph input is still a weight (--initializers-as-constants)."""
+        initializer listed as a graph input, or a random draw, is still a weight (and the reason
+        says why it does not fold)."""
         for node in block_nodes(expr):
             if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1:
                 weight = node.input[1]
-                if self.index.try_value(weight) is None and weight not in self.index.initializers:
+                if self.index.try_value(weight) is None and self.index.reads_an_input(weight):
                     return True
         return False
 

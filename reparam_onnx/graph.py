@@ -82,6 +82,21 @@ class GraphIndex:
             return self._values[name]
         return self._compute(name, depth=0)
 
+    def reads_an_input(self, name: str) -> bool:
+        """The tensor is computed from a graph input that is not an initializer (an activation)."""
+        stack, seen = [name], set()
+        while stack:
+            t = stack.pop()
+            if t in seen or t in self.initializers:
+                continue
+            seen.add(t)
+            if t in self.inputs:
+                return True
+            node = self.producer.get(t)
+            if node is not None:
+                stack.extend(i for i in node.input if i)
+        return False
+
     def forget(self, names) -> None:
         """Drop the cached values of these tensors (their arrays are freed when no one else holds them)."""
         for name in names:

@@ -302,9 +302,21 @@ def _binary(w: Walker, node, tensor, depth):
         scale = 1.0 / c
     else:
         return None
-    noop = (scale is None or np.all(scale == 1)) and (shift is None or np.all(shift == 0))
+    noop = (scale is None or np.all(scale == 1)) and (shift is None or np.all(shift == 0)) and \
+        _cannot_broadcast(c, w.index.shapes.get(x, (None, None))[0])
     return Affine(tensor, [node], input=w.input(x, depth), scale=scale, shift=shift,
                   kind="noop" if noop else "affine")
+
+
+def _cannot_broadcast(c: np.ndarray, dims) -> bool:
+    """x·1 or x + 0 is x only when the constant cannot widen x's shape: each of its dims is 1 or
+    the guaranteed size of x there (RT-DETR's all-ones mask [1, 1029, 1] would broadcast an
+    x of 1 token to 1029)."""
+    if dims is None:
+        return c.size == 1 and c.ndim == 0
+    if c.ndim > len(dims):
+        return False
+    return all(d == 1 or d == x for d, x in zip(c.shape[::-1], tuple(dims)[::-1]))
 
 
 def _neg(w: Walker, node, tensor, depth):
@@ -320,12 +332,15 @@ def _sum(w: Walker, node, tensor, depth):
     if any(not np.issubdtype(c.dtype, np.floating) for c in fixed):
         return None
     shift = sum(fixed[1:], fixed[0]) if fixed else None
+    # a zero constant changes nothing unless it widens the shape
+    zero = shift is None or not np.any(shift) and all(
+        _cannot_broadcast(c, w.index.shapes.get(v, (None, None))[0]) for c in fixed for v in variable)
     if len(variable) == 1:   # Sum(x, c…) is x + Σc
         return Affine(tensor, [node], input=w.input(variable[0], depth), shift=shift,
-                      kind="noop" if shift is None or not np.any(shift) else "affine")
+                      kind="noop" if zero else "affine")
     # the constants belong to this node: they are part of the sum, not an op after it
     return Sum(tensor, [node], terms=[(1.0, w.input(i, depth)) for i in variable],
-               shift=shift if shift is not None and np.any(shift) else None)
+               shift=None if zero else shift)
 
 
 def _conv(w: Walker, node, tensor, depth):

@@ -10,7 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import Builder, assert_equivalent, fuse_and_check, invoke, one_error_line, repvgg_block, run_model
+from conftest import (Builder, assert_equivalent, fuse_and_check, invoke, max_rel_error, one_error_line, repvgg_block,
+                      run_model)
 from reparam_onnx import VerificationError, fuse_with_report
 from reparam_onnx.shapes import input_dims, static_shapes
 from reparam_onnx.verify import relative_error
@@ -331,3 +332,21 @@ def test_vouched_value_info_is_kept():
     model.graph.value_info.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 4, 9, None]))
     result = fuse_with_report(model)
     assert [v.name for v in result.model.graph.value_info] == [y]
+
+
+def test_a_multiplication_by_ones_that_broadcasts_is_not_a_no_op():
+    """x · ones([1, 7, 1]) widens an x of one token to 7 (RT-DETR's all-ones anchor mask): it is
+    not dropped as a no-op; folded, it would be a per-token scale, which no Linear holds."""
+    b = Builder(seed=3)
+    x = b.input(["B", "N", 6])
+    masked = b.node("Mul", [b.const(np.ones((1, 7, 1))), x])
+    y = b.node("Add", [b.node("MatMul", [masked, b.const(b.rng.normal(0, 0.5, (6, 5)))]), b.const(b.rng.normal(0, 1, 5))])
+    y = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, 5))])
+    model = b.model(y)
+    result = fuse_with_report(model, check_blocks=False, verify=False)
+    assert "mul1" in {n.name for n in result.model.graph.node}   # the mask stays
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 1, 6)).astype(np.float32)}
+    (ref,) = run_model(model, feeds).values()
+    (out,) = run_model(result.model, feeds).values()
+    assert ref.shape == out.shape == (2, 7, 5)
+    assert max_rel_error(ref, out) <= 1e-5
