@@ -111,7 +111,7 @@ class Analyser:
         would cost more merged are just a network."""
         if decision.report.fused:
             return True
-        if decision.report.code == "cost" or self._product_of_activations(expr):
+        if decision.report.code == "cost" or self._product_of_activations(expr) is not None:
             return False
         ops = chain_ops(expr)   # output first
         affine = [op for op in ops if isinstance(op, Affine)]
@@ -121,17 +121,19 @@ class Analyser:
             return True
         return bool(affine) and decision.report.code not in ("channels", "layout", "shape", "not_linear")
 
-    def _product_of_activations(self, expr: Expr) -> bool:
-        """The chain's Conv/MatMul/Gemm multiplies by a tensor computed from the model's inputs
-        (attention's q·kᵀ, a dynamic conv): not a layer with weights, so not a block. An
-        initializer listed as a graph input, or a random draw, is still a weight (and the reason
-        says why it does not fold)."""
-        for node in block_nodes(expr):
+    def _product_of_activations(self, expr: Expr, source: Optional[str] = None) -> Optional[onnx.NodeProto]:
+        """The Conv/MatMul/Gemm of the block that multiplies by a tensor computed from the model's
+        inputs (attention's q·kᵀ, a dynamic conv): not a layer with weights, so what holds it is
+        not linear in its input. A weight that is a graph input itself (fed at run time, or an
+        initializer listed as one), or a random draw, is still a weight that does not fold
+        (code operand, and the reason says why)."""
+        for node in block_nodes(expr, source):
             if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1:
                 weight = node.input[1]
-                if self.index.try_value(weight) is None and self.index.reads_an_input(weight):
-                    return True
-        return False
+                if weight in self.index.producer and self.index.try_value(weight) is None \
+                        and self.index.reads_an_input(weight):
+                    return node
+        return None
 
     def _decide_from(self, expr: Expr, source: str) -> Decision:
         ctx, failure = self.context(expr, source)
@@ -177,6 +179,11 @@ class Analyser:
             if broken is None:
                 return None, NotExact("the block has no conv", code="not_linear")
             return None, NotExact(broken.problem, code="operand", nodes=[n.name for n in broken.nodes])
+        product = self._product_of_activations(expr, source)
+        if product is not None:
+            return None, NotExact(f"{product.op_type} '{product.name}' multiplies by an activation "
+                                  f"('{product.input[1]}'): not linear in the block input", code="not_linear",
+                                  nodes=[product.name])
         ranks = {c.weight.ndim - 2 for c in convs}
         if len(ranks) != 1:
             return None, NotExact("branches are convolutions of different spatial ranks", code="geometry")

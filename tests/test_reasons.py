@@ -86,7 +86,7 @@ def test_attention_products_are_not_blocks():
     report. A Conv whose weight is an initializer listed as a graph input still is a block."""
     b = Builder(seed=6)
     q = b.input([2, 5, 8], "q")
-    k = b.input([2, 8, 5], "k")
+    k = b.node("Transpose", [b.input([2, 5, 8], "k")], perm=[0, 2, 1])   # kᵀ, computed from an input
     y = b.node("Mul", [b.node("MatMul", [q, k]), b.const(np.array(0.25))])
     result = fuse_with_report(b.model(y), verify=False)
     assert not result.report.blocks
@@ -97,3 +97,14 @@ def test_attention_products_are_not_blocks():
     model.graph.input.append(helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
     (left,) = fuse_with_report(model, verify=False).report.unfused
     assert "graph input" in left.reason and left.code == "operand"
+
+
+def test_a_sum_with_a_product_of_activations_is_named_not_linear():
+    """x·xᵀ beside a conv of x (an SSM mixer's residual): the reason names the MatMul and says the
+    branch is not linear, not that the convs differ in rank."""
+    b = Builder(seed=8)
+    x = b.input([1, C, C])
+    gram = b.node("MatMul", [x, b.node("Transpose", [x], perm=[0, 2, 1])])
+    y = b.add(gram, b.conv(x, C, C, (1,)))
+    (left,) = fuse_with_report(b.model(y), verify=False).report.unfused
+    assert left.code == "not_linear" and left.reason_nodes == ["matmul1"], (left.code, left.reason)
