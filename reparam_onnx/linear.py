@@ -196,7 +196,7 @@ def chain_ops(expr: Expr) -> List[Expr]:
     output first, down to where it stops having one path; empty when none is a Conv. A chain
     is a block when it has two such ops, one a Conv (Conv→BN, BN→Conv, Conv→Conv, AvgPool→Conv)."""
     ops, e = [], expr
-    while isinstance(e, (Affine, Transpose, Pad, Conv, AvgPool, Regroup)):   # not through a Shared tensor: one path
+    while isinstance(e, (Affine, Transpose, Pad, Scatter, Conv, AvgPool, Regroup)):   # not through a Shared tensor
         if isinstance(e, (Conv, AvgPool)) or isinstance(e, Affine) and e.kind not in ("noop", "bias"):
             ops.append(e)   # a Gemm's bias is part of its linear op, not one of its own
         e = e.input
@@ -333,8 +333,11 @@ def _evaluate_scatter(expr: Scatter, ctx: Context):
             raise NotExact(f"ScatterND '{name}' writes index {row} of a padded axis of length {length}, "
                            f"outside its padding", code="border", nodes=_names(expr))
         writes[(axis, row)] = v
-    ring = {(a + 2, i) for a, n in enumerate(spatial) for i in range(n or 0)
-            if i < inner.pads[0][a] or i >= (n or 0) - inner.pads[1][a]}
+    padded = [a for a in range(len(spatial)) if inner.pads[0][a] or inner.pads[1][a]]
+    if any(spatial[a] is None for a in padded):   # its slices cannot be written: the ring never is
+        return replace(inner, writes=writes)
+    ring = {(a + 2, i) for a in padded for i in range(spatial[a])
+            if i < inner.pads[0][a] or i >= spatial[a] - inner.pads[1][a]}
     if set(writes) != ring:
         return replace(inner, writes=writes)
     values = list(writes.values())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import Builder, assert_untouched, fuse_and_check, op_counts
+from conftest import Builder, assert_equivalent, assert_untouched, fuse_and_check, op_counts
 from reparam_onnx import fuse_with_report
 
 C = 4
@@ -366,3 +366,26 @@ def test_tokens_regrouped_before_the_block_do_not_hide_its_shape():
     y = _levit(b, tokens, 9, 6, 5, "shape")
     fuse_and_check(b.model(y), {"MatMul": 1, "Add": 1, "BatchNormalization": 0, "Flatten": 0, "Shape": 0,
                                 "Reshape": 1})
+
+
+def test_padding_ring_with_a_dynamic_axis_is_never_complete():
+    """H static, W dynamic: writing the top and bottom rows leaves the left and right columns at
+    zero, whatever W is. The ring cannot be proven written, so nothing fuses, even with every
+    check off (before, the ring was counted from the static axes only, and a wrong conv came out)."""
+    b = Builder(seed=28)
+    x = b.input([2, C, 7, "W"])
+    t = b.rng.normal(0, 1, C)
+    first = b.node("Conv", [x, b.const(b.rng.normal(0, 0.5, (C, C, 1, 1))), b.const(t)], kernel_shape=[1, 1])
+    y = _zero_pad(b, first)
+    c = b.const(t.reshape(C, 1, 1))
+    for row in (0, 8):
+        row_shape = b.node("Concat", [b.node("Shape", [y], end=2), _int_const(b, [1]), b.node("Shape", [y], start=3)],
+                           axis=0)
+        updates = b.node("Transpose", [b.node("Expand", [c, row_shape])], perm=[2, 1, 0, 3])   # [1, C, 2, W + 2]
+        written = b.node("ScatterND", [b.node("Transpose", [y], perm=[2, 1, 0, 3]), _int_const(b, [[row]]), updates])
+        y = b.node("Transpose", [written], perm=[2, 1, 0, 3])
+    model = b.model(b.conv(y, C, C, (3, 3), pads=(0, 0, 0, 0)))
+    result = fuse_with_report(model, check_blocks=False, verify=False)
+    assert op_counts(result.model)["ScatterND"] == 2
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, C, 7, 6)).astype(np.float32)}
+    assert_equivalent(model, result.model, feeds)
