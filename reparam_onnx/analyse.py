@@ -210,7 +210,10 @@ class Analyser:
         if channels is None or not 0 < channels <= MAX_CHANNELS:
             return None, NotExact(f"the channel count of '{source}' is unknown or implausible", code="channels")
         spatial = tuple(canonical[2:]) if canonical is not None else None
-        return Context(source, channels, rank, spatial, layout, self.options.allow_larger), None
+        # a padding value stored in the model rounds like its weights: compare at their precision
+        stored = np.dtype(dtype) if dtype is not None else np.dtype(convs[0].weight.dtype)
+        eps = float(np.finfo(stored).eps) if stored.kind == "f" else float(np.finfo(np.float32).eps)
+        return Context(source, channels, rank, spatial, layout, self.options.allow_larger, eps), None
 
     def exclusivity(self, expr: Expr, source: str) -> Optional[NotExact]:
         """Every tensor inside the block is read only inside it and is not a graph output; a
@@ -229,14 +232,14 @@ class Analyser:
                     if id(consumer) in inside:
                         continue
                     if any(r is consumer for r in self.index.shape_readers.get(tensor, ())):
-                        dying = self._parameter_nodes(nodes, source) if dying is None else dying
+                        dying = self.parameter_nodes(nodes, source) if dying is None else dying
                         if id(consumer) in dying:
                             continue
                     return NotExact(f"'{tensor}' inside the block is also read by '{consumer.name or consumer.op_type}'",
                                     code="shared", nodes=[node.name, consumer.name])
         return None
 
-    def _parameter_nodes(self, nodes, source: str) -> Set[int]:
+    def parameter_nodes(self, nodes, source: str) -> Set[int]:
         """Nodes outside the block whose every output is read only by the block or by other such
         nodes (and is no graph output): the block's parameter subgraphs, removed with it."""
         inside = {id(n) for n in nodes}

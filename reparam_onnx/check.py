@@ -72,7 +72,7 @@ def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[st
 def _with_computed_parameters(analyser: Analyser, nodes, source: str, order) -> list:
     """The block's nodes, and those of the parameters it computes from shapes or from its input
     (Reshape to Shape(t); DBB's border values Expand-ed to Shape(x)): nodes outside the block
-    that die with it (Analyser._parameter_nodes) and read only constants, the block's tensors,
+    that die with it (Analyser.parameter_nodes) and read only constants, the block's tensors,
     its input, or one another. They run in the check as they run in the model."""
     index = analyser.index
     produced = {o for n in nodes for o in n.output} | {source}
@@ -84,7 +84,7 @@ def _with_computed_parameters(analyser: Analyser, nodes, source: str, order) -> 
         for name in params:
             if index.try_value(name) is not None or name not in index.producer:
                 continue
-            dying = analyser._parameter_nodes(nodes, source) if dying is None else dying
+            dying = analyser.parameter_nodes(nodes, source) if dying is None else dying
             node = index.producer[name]
             if id(node) in dying and all(i in produced or index.try_value(i) is not None
                                          or id(index.producer.get(i)) in dying for i in node.input if i):

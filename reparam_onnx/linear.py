@@ -27,7 +27,6 @@ from .terms import (Affine, AvgPool, Conv, Expr, Leaf, Pad, Regroup, Scatter, Sh
 
 
 MAX_MERGED_WEIGHTS = 1 << 26   # a merged kernel is never larger than this, even when asked
-COSTLY = "merging would cost more"   # how a TooCostly reason begins
 
 
 class NotExact(Exception):
@@ -99,7 +98,7 @@ class Context:
     spatial: Optional[Sequence[Optional[int]]]   # static canonical spatial size of the block input (None: unknown)
     layout: tuple = ()                  # how the block input is laid out (identity: N, C, spatial...)
     allow_larger: bool = False          # merge even when the merged conv costs more than its branches
-    eps: float = float(np.finfo(np.float32).eps)   # of the block's dtype: how far a stored padding value may round
+    eps: float = float(np.finfo(np.float32).eps)   # of the model's float dtype: how far a stored padding value may round
 
     @property
     def canonical(self) -> tuple:
@@ -651,7 +650,7 @@ def _check_cost(value: ConvMap, branches: int, ctx: Context) -> None:
     merged = value.kernel.size
     shape = "×".join(map(str, value.geometry.kernel))
     if merged > branches and not ctx.allow_larger:
-        raise TooCostly(f"{COSTLY}: the merged {shape} conv would have {merged:,} weights and multiply-adds "
+        raise TooCostly(f"merging would cost more: the merged {shape} conv would have {merged:,} weights and multiply-adds "
                         f"per output position, against {branches:,} for what it replaces "
                         f"(×{merged / max(branches, 1):.1f}; --allow-larger merges it anyway)")
 

@@ -389,3 +389,18 @@ def test_padding_ring_with_a_dynamic_axis_is_never_complete():
     assert op_counts(result.model)["ScatterND"] == 2
     feeds = {"x": np.random.default_rng(1).normal(size=(2, C, 7, 6)).astype(np.float32)}
     assert_equivalent(model, result.model, feeds)
+
+
+@pytest.mark.parametrize("dtype,off,fused", [(np.float32, 1e-9, True), (np.float64, 1e-9, False),
+                                             (np.float64, 0.0, True), (np.float32, 1e-4, False)])
+def test_a_padding_value_must_equal_the_bias_at_the_models_precision(dtype, off, fused):
+    """A stored padding value may differ from the bias the engine computes by the model dtype's
+    rounding, not by float32's in a float64 model."""
+    b = Builder(seed=29, dtype=dtype)
+    x = b.input([2, C, 9, 9])
+    first = b.node("Conv", [x, b.const(b.rng.normal(0, 0.5, (C, C, 1, 1))), b.const(np.full(C, 0.75))],
+                   kernel_shape=[1, 1])
+    y = b.conv(_zero_pad(b, first, 0.75 * (1 + off)), C, C, (3, 3), pads=(0, 0, 0, 0))
+    model = b.model(b.add(y, b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C)))
+    result = fuse_with_report(model, verify=False, check_blocks=False)
+    assert (op_counts(result.model).get("Pad", 0) == 0) == fused, [r.reason for r in result.report.unfused]
