@@ -20,7 +20,7 @@ from .linear import (Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops,
 from .report import BlockReport
 from .risk import numeric_risk
 from .rulebook import Rule, block_shape, first_accepting
-from .shapes import static_shapes
+from .shapes import computed_shape_arguments, static_shapes
 from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Regroup, Shared, Sum, Walker, block_exprs, block_nodes
 
 MAX_CHANNELS = 1 << 20
@@ -57,9 +57,16 @@ class Analyser:
         self.options = options
         self.rules = options.rules
         self.shapes = static_shapes(model)
-        self.index = GraphIndex(self.graph, self.shapes, default_opset(model), options.initializers_as_constants,
-                                options.external_base)
+        self.index = self._index()
+        computed = computed_shape_arguments(self.index)
+        if computed:   # inference again, with what it could not compute: more shapes are static
+            self.shapes = static_shapes(model, constants=computed)
+            self.index = self._index()
         self.walker = Walker(self.index)
+
+    def _index(self) -> GraphIndex:
+        return GraphIndex(self.graph, self.shapes, default_opset(self.model), self.options.initializers_as_constants,
+                          self.options.external_base)
 
     def decisions(self) -> List[Decision]:
         claimed: Set[int] = set()

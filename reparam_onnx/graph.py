@@ -11,6 +11,10 @@ from onnx import numpy_helper
 
 # Ops whose output depends on an activation only through its static shape or dtype.
 _SHAPE_ONLY_INPUTS = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
+# Ops whose output shape depends on these inputs' shapes, never on their values.
+_SHAPE_FOLLOWS = {"Slice": (0,), "Pad": (0,), "Expand": (0,), "Transpose": (0,), "Cast": (0,), "Identity": (0,),
+                  "Unsqueeze": (0,), "Squeeze": (0,), "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1),
+                  "Concat": "all"}
 # Folding these would replace quantized weights by float ones and change the model's precision.
 _QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Ops whose output is not a function of their inputs: evaluating them once would freeze one draw.
@@ -50,20 +54,34 @@ class GraphIndex:
             for name in node.input:
                 if name:
                     self.consumers[name].append(node)
-            for name in set(node.input):
-                if name and shape_only_reader(node, name):
-                    self.shape_readers[name].append(node)
             # A subgraph (If/Loop/Scan body) may read outer tensors: count it as a consumer.
             for name in subgraph_reads(node):
                 self.consumers[name].append(node)
         self.initializers = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
+        self._find_shape_readers()
         self.shapes = shapes
         self.initializers_are_constant = initializers_are_constant
         self.external_base = external_base
         self._values: Dict[str, np.ndarray] = {}
         self._not_constant: Dict[str, str] = {}   # tensor → why it is not a constant
+
+    def _find_shape_readers(self) -> None:
+        """A consumer reads a tensor only for its shape or dtype when it is Shape, Size or CastLike
+        at that position, or an op whose output shape follows from that input's shape (Slice,
+        Expand, ...) and whose outputs are themselves read only for their shapes (TorchScript
+        takes Shape(Slice(x)) to size a slice assignment). Nodes are in topological order: a
+        tensor's readers are classified before its producer (out of order, they count as values)."""
+        shape_reads: Dict[str, int] = defaultdict(int)
+        for node in reversed(self.graph.node):
+            outputs = [o for o in node.output if o]
+            follows = bool(outputs) and all(o not in self.outputs and self.consumers.get(o)
+                                            and shape_reads[o] == len(self.consumers[o]) for o in outputs)
+            for name in set(node.input):
+                if name and shape_only_reader(node, name, follows):
+                    self.shape_readers[name].append(node)
+                    shape_reads[name] += 1
 
     def fan_out(self, name: str) -> int:
         return len(self.consumers.get(name, ())) + (name in self.outputs)
@@ -201,12 +219,15 @@ class GraphIndex:
         return np.zeros(dims, dtype)
 
 
-def shape_only_reader(node: onnx.NodeProto, name: str) -> bool:
-    """`node` reads `name` only for its shape or dtype (every position it appears at is such)."""
+def shape_only_reader(node: onnx.NodeProto, name: str, outputs_shape_only: bool = False) -> bool:
+    """`node` reads `name` only for its shape or dtype (every position it appears at is such);
+    `outputs_shape_only`: the node's outputs are read only for their shapes."""
     if node.domain not in ("", "ai.onnx") or name in subgraph_reads(node):
         return False
     positions = [pos for pos, inp in enumerate(node.input) if inp == name]
-    return all(pos in _SHAPE_ONLY_INPUTS.get(node.op_type, ()) for pos in positions)
+    follows = _SHAPE_FOLLOWS.get(node.op_type, ()) if outputs_shape_only else ()
+    return all(pos in _SHAPE_ONLY_INPUTS.get(node.op_type, ()) or pos in follows or follows == "all"
+               for pos in positions)
 
 
 def unique_name(name: str, used: set) -> str:

@@ -307,7 +307,7 @@ def _evaluate_scatter(expr: Scatter, ctx: Context):
     if inner.pads is None or inner.regroup is not None:
         raise NotExact(f"ScatterND '{name}' writes into a tensor that is not padded", code="not_linear",
                        nodes=_names(expr))
-    axis = inner.layout[0]   # the canonical axis the written slices run along
+    axis = inner.layout[expr.axis]   # the canonical axis the written slices run along
     spatial = _spatial(inner, ctx)
     if axis < 2 or spatial is None or spatial[axis - 2] is None:
         raise NotExact(f"ScatterND '{name}' writes slices of {'a non-spatial axis' if axis < 2 else 'a dynamic axis'}",

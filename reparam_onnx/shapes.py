@@ -12,8 +12,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from .graph import attributes
+from .graph import GraphIndex, attributes
 
 BATCH = 2        # stands in for a dynamic first axis
 SPATIAL = 17     # stands in for other dynamic axes: odd on purpose
@@ -21,10 +22,12 @@ SPATIAL = 17     # stands in for other dynamic axes: odd on purpose
 Shapes = Dict[str, tuple]   # tensor name → (dims with None where not guaranteed, numpy dtype)
 
 
-def static_shapes(model: onnx.ModelProto, inputs: Optional[Dict[str, Sequence[int]]] = None) -> Shapes:
+def static_shapes(model: onnx.ModelProto, inputs: Optional[Dict[str, Sequence[int]]] = None,
+                  constants: Optional[Dict[str, np.ndarray]] = None) -> Shapes:
     """Guaranteed shapes and dtypes of every tensor shape inference reaches (see the module doc);
-    with `inputs`, as they would be when the graph inputs have those dims."""
-    skeleton = _skeleton(model)
+    with `inputs`, as they would be when the graph inputs have those dims; with `constants`, the
+    values of computed tensors (computed_shape_arguments) given to inference as Constants."""
+    skeleton = _skeleton(model, constants or {})
     for info in skeleton.graph.input:
         if inputs and info.name in inputs:
             shape = info.type.tensor_type.shape
@@ -49,10 +52,11 @@ def static_shapes(model: onnx.ModelProto, inputs: Optional[Dict[str, Sequence[in
     return shapes
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def _skeleton(model: onnx.ModelProto, constants: Dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy for shape inference: no value_info, output types without shapes, input dims
     that are not positive made unknown, and large initializers without data (name, type
-    and shape are kept: small ones keep their values for data propagation)."""
+    and shape are kept: small ones keep their values for data propagation); a node whose
+    outputs are all in `constants` replaced by Constants of those values."""
     out = onnx.ModelProto()
     graph = model.graph
     out.ir_version = model.ir_version
@@ -60,7 +64,13 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     out.functions.extend(model.functions)
     g = out.graph
     g.name = graph.name
-    g.node.extend(graph.node)
+    for node in graph.node:
+        outputs = [o for o in node.output if o]
+        if outputs and all(o in constants for o in outputs):
+            g.node.extend(onnx.helper.make_node("Constant", [], [o], value=numpy_helper.from_array(constants[o], o))
+                          for o in outputs)
+        else:
+            g.node.append(node)
     g.input.extend(graph.input)
     for info in g.input:
         if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
@@ -78,6 +88,30 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             stub = g.initializer.add()
             stub.name, stub.data_type = init.name, init.data_type
             stub.dims.extend(init.dims)
+    return out
+
+
+# Inputs whose values (not only shapes) give an op's output shape.
+SHAPE_ARGUMENTS = {"Pad": (1,), "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Tile": (1,),
+                   "ConstantOfShape": (0,), "Unsqueeze": (1,), "Squeeze": (1,), "Range": (0, 1, 2),
+                   "Resize": (2, 3), "Upsample": (1,), "Split": (1,), "CenterCropPad": (1,)}
+_SMALL = 64
+
+
+def computed_shape_arguments(index: GraphIndex) -> Dict[str, np.ndarray]:
+    """The shape arguments a node computes (not initializers, so inference does not see them:
+    TorchScript writes a Pad's pads as Cast(Reshape(Transpose(Slice(Concat(...)))))) whose value
+    the index folds, small ones only."""
+    out = {}
+    for node in index.graph.node:
+        for pos in SHAPE_ARGUMENTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
+            name = node.input[pos] if pos < len(node.input) else ""
+            producer = index.producer.get(name)
+            if not name or name in out or producer is None or producer.op_type == "Constant":
+                continue
+            value = index.try_value(name)
+            if value is not None and value.size <= _SMALL:
+                out[name] = value
     return out
 
 

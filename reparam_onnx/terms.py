@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .graph import GraphIndex, NotConstant, attributes
+from .symbolic import Symbolic, scatter_box
 
 MAX_DEPTH = 24
 
@@ -116,10 +117,12 @@ class Regroup(Expr):
 
 @dataclass
 class Scatter(Expr):
-    """ScatterND writing one per-channel constant into whole slices along the tensor's first axis
-    (indices of shape [k, 1]), as exporters write DBB's BNAndPadLayer borders: `rows` the slices,
-    `value` the constant as the updates are laid out (size 1 on every axis but maybe the channels')."""
+    """ScatterND writing one per-channel constant into whole slices along one axis of the tensor
+    as it is laid out, as exporters write DBB's BNAndPadLayer borders: `rows` the slices along
+    `axis`, `value` the constant as the updates are laid out (size 1 on every axis but maybe the
+    channels')."""
     input: Expr = None
+    axis: int = 0
     rows: tuple = ()
     value: Optional[np.ndarray] = None
 
@@ -190,6 +193,7 @@ class Walker:
         self.index = index
         self._memo: Dict[tuple, Expr] = {}
         self._shared = False
+        self.symbolic = Symbolic(index)   # shape arithmetic over dynamic dims (index grids)
 
     def walk(self, tensor: str, root: bool = False, depth: int = 0, shared: bool = False) -> Expr:
         """The expression computing `tensor`. Memoized: a sub-expression may appear in several places."""
@@ -467,23 +471,23 @@ def before_any_regroup(expr: Expr, tensor: str, source: str) -> bool:
 
 
 def _scatter_nd(w: Walker, node, tensor, depth):
-    """ScatterND(data, constant [k, 1] indices, a constant broadcast by Expand and Transposes)."""
+    """ScatterND(data, indices writing whole slices along one axis, a broadcast constant): the
+    indices constant ([k, 1] after Transposes, dynamo) or a meshgrid of the data's dims (TorchScript)."""
     reduction = attributes(node).get("reduction", "none")
     if (reduction.decode() if isinstance(reduction, bytes) else reduction) != "none":
         return None
-    indices = w.const(node.input[1])
     dims = w.index.shapes.get(node.input[0], (None, None))[0]
-    if indices is None or indices.ndim != 2 or indices.shape[1] != 1 or dims is None:
+    box = scatter_box(w.symbolic, node.input[1], node.input[0])
+    if dims is None or box is None:
         return None
     value = _broadcast_constant(w, node.input[2], len(dims))
     if value is None:
         return None
-    return Scatter(tensor, [node], input=w.input(node.input[0], depth),
-                   rows=tuple(int(r) for r in indices.reshape(-1)), value=value)
+    return Scatter(tensor, [node], input=w.input(node.input[0], depth), axis=box[0], rows=box[1], value=value)
 
 
 def _broadcast_constant(w: Walker, name: str, rank: int) -> Optional[np.ndarray]:
-    """The constant c that `name` broadcasts (Expand(c, any shape), then Transposes), laid out as
+    """The constant c that `name` broadcasts (Expands of c, Reshapes to the same dims, Transposes), laid out as
     `name` is and padded to `rank` axes; None when `name` is not such a value."""
     perms = []
     while True:
@@ -496,11 +500,11 @@ def _broadcast_constant(w: Walker, name: str, rank: int) -> Optional[np.ndarray]
         if node.op_type == "Transpose" and attributes(node).get("perm") is not None:
             perms.append(tuple(attributes(node)["perm"]))
             name = node.input[0]
-        elif node.op_type == "Expand":
-            value = w.const(node.input[0])
-            if value is None:
-                return None
-            break
+        elif node.op_type == "Expand":   # of a constant, or of another broadcast constant
+            name = node.input[0]
+        elif node.op_type == "Reshape" and w.symbolic.dims(name) is not None \
+                and w.symbolic.dims(name) == w.symbolic.dims(node.input[0]):
+            name = node.input[0]   # to the dims it has: no element moves
         else:
             return None
     value = np.asarray(value, np.float64)

@@ -404,3 +404,99 @@ def test_a_padding_value_must_equal_the_bias_at_the_models_precision(dtype, off,
     model = b.model(b.add(y, b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C)))
     result = fuse_with_report(model, verify=False, check_blocks=False)
     assert (op_counts(result.model).get("Pad", 0) == 0) == fused, [r.reason for r in result.report.unfused]
+
+
+# ------------------------------------- the same border writes as TorchScript spells them: index grids
+
+
+def _grid_border_write(b: Builder, y: str, c: str, axis: int, start: int, end: int, hostile=None) -> str:
+    """ScatterND(y, indices, updates) writing y[..., start:end along axis, ...] = c, as the TorchScript
+    exporter writes a slice assignment: the indices a meshgrid of Range(Shape(y)[k]) per axis (the
+    written axis's range sliced), broadcast by Expand to the grid's shape and stacked on a last axis;
+    the updates c expanded to the shape of the written slice. Every dim is read at run time, so
+    the write holds at any batch size. `hostile`: one way to make the indices not that box."""
+    zero, one = _int_const(b, 0), _int_const(b, 1)
+    ranges = []
+    for k in range(4):
+        read = b.input(["N", 1], name="z") if hostile == "other_batch" and k == 0 else y
+        dim = b.node("Gather", [b.node("Shape", [read]), _int_const(b, k)], axis=0)
+        if hostile == "batch_is_5" and k == 0:   # the grid misses the last batch when there are 5
+            dim = b.node("Where", [b.node("Equal", [dim, _int_const(b, 5)]), _int_const(b, 4), dim])
+        r = b.node("Range", [zero, dim, one])
+        if k == axis:
+            r = b.node("Slice", [r, _int_const(b, [start]), _int_const(b, [end]), _int_const(b, [0])])
+        if hostile == "channels_reversed" and k == 1:
+            r = b.node("Slice", [r, _int_const(b, [-1]), _int_const(b, [-(2 ** 62)]), _int_const(b, [0]),
+                                 _int_const(b, [-1])])
+        ranges.append(b.node("Reshape", [r, _int_const(b, [-1] + [1] * (3 - k))]))
+    grid = b.node("Shape", [b.add(*ranges)])
+    components = [b.node("Unsqueeze", [b.node("Expand", [r, grid]), _int_const(b, [-1])]) for r in ranges]
+    if hostile == "axes_swapped":   # the batch and channel components exchanged
+        components[0], components[1] = components[1], components[0]
+    indices = b.node("Concat", components, axis=-1)
+    if hostile in ("batch_is_5", "other_batch"):   # updates of the grid's shape: the model runs, some batch unwritten
+        updates = b.node("Expand", [c, grid])
+    else:   # TorchScript's: c expanded to the written slice's shape, reshaped to the grid's
+        written = b.node("Slice", [y, _int_const(b, [start]), _int_const(b, [end]), _int_const(b, [axis])])
+        updates = b.node("Reshape", [b.node("Expand", [c, b.node("Shape", [written])]), grid])
+    return b.node("ScatterND", [y, indices, updates])
+
+
+def _grid_dbb_branch(b: Builder, x: str, size, hostile=None, sides=((2, 0, 1), (2, -1, 2 ** 62), (3, 0, 1),
+                                                                   (3, -1, 2 ** 62))):
+    """1×1 conv (bias t) → zero Pad → the four border slices set to t by index-grid ScatterNDs →
+    3×3 unpadded conv, + a 3×3 Conv-BN."""
+    t = b.rng.normal(0, 1, C)
+    y = _zero_pad(b, b.node("Conv", [x, b.const(b.rng.normal(0, 0.5, (C, C, 1, 1))), b.const(t)], kernel_shape=[1, 1]))
+    c = b.const(t.reshape(C, 1, 1))
+    for i, (axis, start, end) in enumerate(sides):
+        y = _grid_border_write(b, y, c, axis, start, end, hostile if i == 0 else None)
+    chain = b.conv(y, C, C, (3, 3), pads=(0, 0, 0, 0))
+    return b.add(chain, b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C))
+
+
+def _batch_feeds(model, batch, size, seed=3):
+    feeds = {"x": np.random.default_rng(seed).normal(size=(batch, C) + tuple(size)).astype(np.float32)}
+    if any(i.name == "z" for i in model.graph.input):   # another tensor's batch: one less
+        feeds["z"] = np.zeros((batch - 1, 1), np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("size", [(7, 9), (6, 5)])
+def test_index_grid_border_writes_fuse_at_every_batch_size(size):
+    """The grid is proven a box for every batch: its batch component is i[0] over the data's own
+    batch dim, whatever that is at run time. Checked at batch 1, 2 and 3."""
+    b = Builder(seed=30)
+    x = b.input(["B", C] + list(size))
+    model = b.model(_grid_dbb_branch(b, x, size))
+    result = fuse_and_check(model, {"Conv": 1, "Add": 0, "ScatterND": 0, "Pad": 0, "Range": 0},
+                            feeds=_batch_feeds(model, 2, size))
+    for batch in (1, 3):
+        assert_equivalent(model, result.model, _batch_feeds(model, batch, size))
+
+
+@pytest.mark.parametrize("hostile", ["batch_is_5", "other_batch", "channels_reversed", "axes_swapped"])
+def test_index_grids_that_are_not_the_box_stay(hostile):
+    """Indices that depend on whether the batch is 5, that run over another tensor's batch, that
+    reverse the channels or that exchange two axes are not whole slices of one per-channel value:
+    nothing fuses, with every check off too."""
+    size = (7, 9)
+    b = Builder(seed=31)
+    x = b.input(["B", C] + list(size))
+    model = b.model(_grid_dbb_branch(b, x, size, hostile=hostile))
+    result = fuse_with_report(model, check_blocks=False, verify=False)
+    assert op_counts(result.model)["ScatterND"] == 4
+    if hostile != "axes_swapped":   # exchanging batch and channels runs only when B == C
+        for batch in (2, 3, 5):
+            assert_equivalent(model, result.model, _batch_feeds(model, batch, size))
+
+
+def test_index_grid_writing_inside_the_tensor_stays():
+    """Rows 1:2 are not the padding: the writes are a box, but the reason names where they write."""
+    size = (7, 9)
+    b = Builder(seed=32)
+    x = b.input(["B", C] + list(size))
+    sides = ((2, 1, 2), (2, -1, 2 ** 62), (3, 0, 1), (3, -1, 2 ** 62))
+    result = assert_untouched(b.model(_grid_dbb_branch(b, x, size, sides=sides)), "outside its padding",
+                              identical=False)
+    assert op_counts(result.model)["ScatterND"] == 4
