@@ -22,6 +22,7 @@ from .check import check_alone
 from .edit import add_initializer, default_opset, drop_unvouched_value_info, list_as_inputs, remove_dead, used_names
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
+from .sink import Move, depends_on, sink_batchnorms, undo
 from .linear import inverse
 from .report import BlockReport
 from .shapes import static_shapes
@@ -148,6 +149,7 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
 
 
 def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> Tuple[List[BlockReport], List[str]]:
+    moves = _move_batchnorms(model, options) if write else []
     fused: List[BlockReport] = []
     made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
     last: List[Decision] = []
@@ -168,7 +170,14 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
     left = [d.report for d in reversed(last) if not d.report.fused]
     for report in left:   # a node an earlier pass wrote stands for the nodes it replaced
         report.reason_nodes = [o for n in report.reason_nodes for o in (made[n].nodes if n in made else [n])]
+    moved = {n.name: m.bn.name for m in moves for n in m.copies}   # a BN's copies stand for the BN
+    for report in fused + left:
+        report.nodes = list(dict.fromkeys(moved.get(n, n) for n in report.nodes))
+        report.reason_nodes = list(dict.fromkeys(moved.get(n, n) for n in report.reason_nodes))
     notes = []
+    if moves:
+        notes.append(f"moved {len(moves)} BatchNormalization(s) to the linear ops that read them "
+                     f"(through layout ops and fan-out) and folded them there")
     created = {n.name for n in model.graph.node if n.op_type == "Transpose" and n.name in made}
     pairs = _cancel_transposes(model, options, created) if created else 0
     if pairs:
@@ -179,6 +188,29 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
             notes.append(f"dropped {dropped} value_info entr{'y' if dropped == 1 else 'ies'} whose shapes the graph "
                          f"does not guarantee (a runtime that trusts them can fail on the rewritten graph)")
     return fused + left, notes
+
+
+def _move_batchnorms(model: onnx.ModelProto, options: FuseOptions) -> List[Move]:
+    """BNs moved to the linear ops that read them (sink.py), kept only where a block that fuses
+    takes in every copy: elsewhere the BN goes back, and the graph is as it was."""
+    analyser = Analyser(model, options)
+    index = analyser.index
+    moves = sink_batchnorms(model, lambda: GraphIndex(model.graph, index.shapes, index.opset,
+                                                      index.initializers_are_constant, index.external_base))
+    if not moves:
+        return []
+    decisions = Analyser(model, options).decisions()
+    covered = {name for d in decisions if d.report.fused for name in d.report.nodes}
+    left = [m for m in moves if not all(n.name in covered for n in m.copies)]
+    for m in moves:   # in the order made: one built on a move that goes back goes back too
+        if all(m is not l for l in left) and depends_on(m, left):
+            left.append(m)
+    undo(model, [m for m in moves if any(m is l for l in left)])
+    kept = [m for m in moves if all(m is not l for l in left)]
+    if kept:   # the kept BNs' parameters (and what computed them) are read no more
+        remove_dead(model.graph, list(model.graph.node), {p for m in kept for p in m.bn.input[1:]},
+                    options.initializers_as_constants)
+    return kept
 
 
 def _take_in_absorbed(report: BlockReport, made: Dict[str, BlockReport], fused: List[BlockReport]) -> None:

@@ -1,0 +1,262 @@
+"""Move a BatchNormalization to the linear ops that read it, through layout ops and fan-out.
+
+Before: BN → p₁ → … → (fan-out) → … → L₁, L₂, …   every path from the BN through ops pᵢ
+        that move or average positions without mixing channels (Transpose; Reshape or Flatten
+        keeping the channel axis whole; AveragePool without padding) ending at a MatMul, Gemm
+        or unpadded Conv Lⱼ that reads it as its input and has a constant weight.
+After:  p₁ → … on the BN's input, and x·s + t (Mul, Add: the BN's affine, on the channel axis
+        where it is there) just before each Lⱼ, where the fusion folds it into Lⱼ (NextViT's
+        merge_pre_bn: its norm feeds q, k and v through a reshape to tokens).
+Exact: a per-channel affine commutes with each pᵢ (every output element is one input element,
+or an average of real ones, of the same channel), and one copy per reader computes what the
+one BN did. The caller keeps a move only when the fusion takes in every copy (`undo`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+
+from .edit import add_initializer, used_names
+from .graph import GraphIndex, attributes, unique_name
+from .kernels import bn_affine
+from .symbolic import reshaped_dims
+
+MAX_DEPTH = 16   # layout ops between the BN and a linear op
+
+
+@dataclass
+class Move:
+    """One BN moved: enough to put it back."""
+    bn: onnx.NodeProto
+    rewired: List[Tuple[onnx.NodeProto, int]] = field(default_factory=list)   # readers of the BN output
+    copies: List[onnx.NodeProto] = field(default_factory=list)                # the Mul/Add pairs
+    leaves: List[tuple] = field(default_factory=list)   # (L, input position, tensor it read, axis, rank)
+    initializers: List[str] = field(default_factory=list)
+
+
+MAX_ROUNDS = 4   # a BN moved in one round can let another (above it) move in the next
+
+
+def sink_batchnorms(model: onnx.ModelProto, make_index: Callable[[], GraphIndex]) -> List[Move]:
+    """Move every BN that has layout ops or several readers between it and the linear ops
+    that read it (a BN straight before one linear op folds as it is). A copy another move
+    put before a linear op counts as that op: a BN above moves in front of it."""
+    moves: List[Move] = []
+    for _ in range(MAX_ROUNDS):
+        heads = {id(m.copies[2 * i]): leaf[3:] for m in moves for i, leaf in enumerate(m.leaves)}
+        done = _sink_round(model, make_index(), heads)
+        if not done:
+            break
+        moves += done
+    return moves
+
+
+def _sink_round(model: onnx.ModelProto, index: GraphIndex, heads) -> List[Move]:
+    graph = model.graph
+    plans = []
+    for node in graph.node:
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            plan = _plan(node, index, heads)
+            if plan is not None:
+                plans.append((node, *plan))
+    if not plans:
+        return []
+    names = used_names(graph)
+    moves = []
+    for bn, scale, shift, leaves in plans:
+        move = Move(bn)
+        for reader in index.consumers[bn.output[0]]:
+            for k, name in enumerate(reader.input):
+                if name == bn.output[0]:
+                    reader.input[k] = bn.input[0]
+                    move.rewired.append((reader, k))
+        for n, (leaf, tensor, axis, rank) in enumerate(leaves):
+            shape = (len(scale),) + (1,) * (rank - 1 - axis)
+            base = f"{bn.name or bn.output[0]}/moved.{n}"
+            s_name, t_name = unique_name(f"{base}.scale", names), unique_name(f"{base}.shift", names)
+            add_initializer(graph, s_name, scale.reshape(shape))
+            add_initializer(graph, t_name, shift.reshape(shape))
+            scaled, shifted = unique_name(f"{base}.scaled", names), unique_name(f"{base}.shifted", names)
+            mul = onnx.helper.make_node("Mul", [tensor, s_name], [scaled], name=unique_name(f"{base}.mul", names))
+            add = onnx.helper.make_node("Add", [scaled, t_name], [shifted], name=unique_name(f"{base}.add", names))
+            move.copies += [mul, add]
+            move.initializers += [s_name, t_name]
+            k = list(leaf.input).index(tensor)
+            move.leaves.append((leaf, k, tensor, axis, rank))
+            leaf.input[k] = shifted
+        moves.append(move)
+    _splice(graph, moves)
+    return moves
+
+
+def undo(model: onnx.ModelProto, moves: Sequence[Move]) -> None:
+    """Put these BNs back as they were (moves in the order made; a later move that put its
+    copies in front of one of these must be among them). Edits in place: references to
+    the graph's other nodes stay valid."""
+    graph = model.graph
+    for m in reversed(moves):
+        for leaf, k, tensor, _, _ in m.leaves:
+            leaf.input[k] = tensor
+        for reader, k in m.rewired:
+            reader.input[k] = m.bn.output[0]
+        gone = {id(n) for n in m.copies}
+        for i in reversed([i for i, n in enumerate(graph.node) if id(n) in gone]):
+            del graph.node[i]
+        readers = {id(r) for r, _ in m.rewired}   # just before its first reader: its input is computed before
+        graph.node.insert(next(i for i, n in enumerate(graph.node) if id(n) in readers), m.bn)
+        dropped = set(m.initializers)
+        for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in dropped]):
+            del graph.initializer[i]
+
+
+def depends_on(move: Move, others: Sequence[Move]) -> bool:
+    """The move put a copy in front of a copy one of `others` made."""
+    made = {id(n) for m in others for n in m.copies}
+    return any(id(leaf) in made for leaf, *_ in move.leaves)
+
+
+def _splice(graph: onnx.GraphProto, moves: Sequence[Move]) -> None:
+    """Drop the BNs; each Mul/Add pair goes just before the linear op that reads it. In place;
+    the moves then hold the graph's own copy nodes (insert copies a message)."""
+    for m in moves:
+        del graph.node[next(i for i, n in enumerate(graph.node) if n is m.bn)]
+        live = []
+        for i, (leaf, *_) in enumerate(m.leaves):
+            at = next(j for j, n in enumerate(graph.node) if n is leaf)
+            graph.node.insert(at, m.copies[2 * i])
+            graph.node.insert(at + 1, m.copies[2 * i + 1])
+            live += [graph.node[at], graph.node[at + 1]]
+        m.copies = live
+
+
+def _plan(bn: onnx.NodeProto, index: GraphIndex, heads):
+    """(s, t, leaves) when the BN can move: its affine in the model's dtype, and each linear op
+    reading it with the tensor it reads, the channel axis there and the rank."""
+    attrs = attributes(bn)
+    if attrs.get("training_mode", 0) or sum(1 for o in bn.output if o) != 1 or index.opset < 9:
+        return None
+    params = [index.try_value(name) for name in bn.input[1:5]]
+    info = index.shapes.get(bn.input[0])
+    if any(p is None or p.ndim != 1 for p in params) or info is None or info[0] is None or len(info[0]) < 2:
+        return None
+    dims, dtype = info
+    if dims[1] != params[0].size or not np.issubdtype(dtype, np.floating):
+        return None
+    try:
+        scale, shift = bn_affine(*params, attrs.get("epsilon", 1e-5))
+    except ValueError:
+        return None
+    leaves = _leaves(index, bn.output[0], 1, _symbolic(bn.input[0], dims), params[0].size, 0, heads)
+    if not leaves:
+        return None
+    direct = len(leaves) == 1 and any(leaves[0][0] is c for c in index.consumers[bn.output[0]])
+    if direct:
+        return None   # one linear op right after it: the fusion folds the BN as it is
+    return scale.astype(dtype), shift.astype(dtype), leaves
+
+
+def _symbolic(tensor: str, dims) -> tuple:
+    return tuple(d if d is not None else ("dim", tensor, k) for k, d in enumerate(dims))
+
+
+def _leaves(index: GraphIndex, tensor: str, axis: int, dims: tuple, channels: int, depth: int, heads):
+    """Every path from `tensor` (channels on `axis`) through moving ops to a linear op, or None."""
+    readers = index.consumers.get(tensor, ())
+    if tensor in index.outputs or not readers or depth > MAX_DEPTH:
+        return None
+    out = []
+    for node in readers:
+        if node.domain not in ("", "ai.onnx") or list(node.input).count(tensor) != 1 or node.input[0] != tensor:
+            return None
+        if _absorbs(index, node, axis, len(dims), channels) or _copy_for(heads, node, axis, len(dims)):
+            out.append((node, tensor, axis, len(dims)))
+            continue
+        moved = _moved(index, node, axis, dims, channels)
+        if moved is None:
+            return None
+        below = _leaves(index, node.output[0], *moved, channels, depth + 1, heads)
+        if below is None:
+            return None
+        out.extend(below)
+    return out
+
+
+def _copy_for(heads, node, axis: int, rank: int) -> bool:
+    """The node is the Mul of a moved BN's copy made for this channel axis and rank."""
+    return heads.get(id(node)) == (axis, rank)
+
+
+def _absorbs(index: GraphIndex, node, axis: int, rank: int, channels: int) -> bool:
+    """A linear op with a constant weight that reads the channels as what it contracts."""
+    weight = index.try_value(node.input[1]) if len(node.input) > 1 else None
+    if weight is None:
+        return False
+    attrs = attributes(node)
+    if node.op_type == "MatMul":
+        return weight.ndim == 2 and rank >= 2 and axis == rank - 1 and weight.shape[0] == channels
+    if node.op_type == "Gemm":
+        contracted = weight.shape[1] if attrs.get("transB", 0) else weight.shape[0]
+        return weight.ndim == 2 and rank == 2 and axis == 1 and not attrs.get("transA", 0) and contracted == channels
+    if node.op_type == "Conv":
+        pads = attrs.get("pads") or ()
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        return axis == 1 and weight.ndim == rank and weight.shape[1] * attrs.get("group", 1) == channels \
+            and not any(pads) and auto_pad in ("NOTSET", "VALID")
+    return False
+
+
+def _moved(index: GraphIndex, node, axis: int, dims: tuple, channels: int) -> Optional[tuple]:
+    """(the channel axis, dims) of the node's output when it keeps every channel apart; else None."""
+    op, attrs = node.op_type, attributes(node)
+    if len([o for o in node.output if o]) != 1:
+        return None
+    if op == "Transpose":
+        perm = attrs.get("perm") or list(reversed(range(len(dims))))
+        if sorted(perm) != list(range(len(dims))):
+            return None
+        return list(perm).index(axis), tuple(dims[p] for p in perm)
+    if op in ("Reshape", "Flatten"):
+        if op == "Flatten":
+            a = attrs.get("axis", 1) % (len(dims) or 1) if dims else 0
+            target = (_product(dims[:a]), _product(dims[a:]))
+            new = target if all(isinstance(d, int) for d in target) else None
+        else:
+            target = index.try_value(node.input[1])
+            new = None if target is None else reshaped_dims(dims, [int(d) for d in target.reshape(-1)],
+                                                        attrs.get("allowzero", 0))
+        if new is None:
+            return None
+        for q in range(len(new)):   # the channel axis kept whole: same positions before it
+            if new[q] == channels and _monomial(new[:q]) == _monomial(dims[:axis]):
+                return q, tuple(new)
+        return None
+    if op == "AveragePool":
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        info = index.shapes.get(node.output[0])
+        if axis != 1 or any(attrs.get("pads") or ()) or auto_pad not in ("NOTSET", "VALID") \
+                or attrs.get("ceil_mode", 0) or info is None or info[0] is None:
+            return None
+        return 1, _symbolic(node.output[0], info[0])
+    return None
+
+
+def _monomial(dims) -> tuple:
+    coef, syms = 1, []
+    for d in dims:
+        if isinstance(d, tuple):
+            syms.append(d)
+        else:
+            coef *= d
+    return coef, sorted(syms)
+
+
+def _product(dims):
+    if any(isinstance(d, tuple) for d in dims):
+        return None
+    return math.prod(dims)
