@@ -152,6 +152,9 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
     made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
     last: List[Decision] = []
     for _ in range(MAX_PASSES):
+        # the last pass's decisions hold its blocks' expressions, and through them the weights
+        # they read (replaced now): let them go before the next pass reads the graph again
+        last = applied = analyser = None
         analyser = Analyser(model, options)
         last = analyser.decisions()
         if not write:
