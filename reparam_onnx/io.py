@@ -224,8 +224,8 @@ def written_files(output: PathLike, protect: Sequence[PathLike]) -> Files:
     """Every file writing `output` (with `protect` as save() gets it) may write or replace:
     the model, the data file save() would choose, the data files of the model it replaces."""
     path = Path(output)
-    replaced = _replaced_locations(path)
-    return [("the output model", path), ("the output's external data", _data_path(path, protect))] + \
+    replaced = _replaced_locations(path)   # read once: a large output it replaces is scanned whole
+    return [("the output model", path), ("the output's external data", _data_path(path, protect, replaced))] + \
         [("the external data of the output it replaces", p) for p in replaced]
 
 
@@ -293,10 +293,11 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     return kept
 
 
-def _data_path(path: Path, protect) -> Path:
+def _data_path(path: Path, protect, own: Optional[List[Path]] = None) -> Path:
     """'<output>.data', or the first '<output>.N.data' that is neither protected nor an
-    unrelated file; a data file of the output being replaced is reused when nothing else uses it."""
-    own = _replaced_locations(path)
+    unrelated file; a data file of the output being replaced (`own`: _replaced_locations, when
+    already read) is reused when nothing else uses it."""
+    own = _replaced_locations(path) if own is None else own
     for n in range(0, 1000):
         candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
         if any(same_file(candidate, p) for p in protect):

@@ -63,6 +63,8 @@ def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decis
         removed.update(id(n) for n in nodes)
         replace[id(root)] = new_nodes
         d.report.nodes = [n.name for n in nodes]
+    if not applied:   # every block failed its check: the graph is left as it was
+        return []
     kept = []
     for node in graph.node:
         if id(node) in replace:
@@ -131,10 +133,11 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
     are not inputs (and a weight the rewrite made stays a constant for the next pass).
     """
     graph = model.graph
-    ir_version = model.ir_version
+    ir_version, had_ir_version = model.ir_version, model.HasField("ir_version")
     initializers_before = {t.name for t in graph.initializer}
     if write:
         model.ir_version = max(ir_version, 4)
+    result = None
     try:
         # NaN or inf in weights and statistics is arithmetic, not an error: non-finite fused
         # weights leave their block unfused (Analyser._check_dtype), and numpy prints no warning.
@@ -142,6 +145,8 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
             result = _fuse_passes(model, options, write)
     finally:
         model.ir_version = ir_version
+        if not had_ir_version and not (result and any(r.fused for r in result[0])):
+            model.ClearField("ir_version")   # a model nothing was written into is as it was
     if ir_version < 4:
         list_as_inputs(graph, [t for t in graph.initializer if t.name not in initializers_before])
     return result

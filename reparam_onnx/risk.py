@@ -109,7 +109,8 @@ def _int8_errors(channels: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     np.clip(error, -INT8_LEVELS, INT8_LEVELS, out=error)
     error *= safe
     error -= channels
-    return np.sqrt(np.einsum("ij,ij->i", error, error, dtype=np.float64))
+    errors: np.ndarray = np.sqrt(np.einsum("ij,ij->i", error, error, dtype=np.float64))
+    return errors
 
 
 def _worst(errors: np.ndarray, norms: np.ndarray) -> float:
