@@ -42,27 +42,39 @@ def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decis
     replace: Dict[int, List[onnx.NodeProto]] = {}
     removed: Set[int] = set()
     order = {id(n): i for i, n in enumerate(graph.node)}
-    applied = []
-    for d in fused:
+    blocks = []
+    for d in fused:   # in graph order: the new nodes take their names in this order
         nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
         root = analyser.index.producer[d.expr.tensor]
         new_nodes, params = build(d, root, names)
         for node in new_nodes:   # provenance: which rule made the node
             entry = node.metadata_props.add()
             entry.key, entry.value = RULE_KEY, d.report.rule or ""
+        blocks.append((d, nodes, root, new_nodes, params))
+    passed = set()
+    # Each block is checked alone, smallest first: a check's sessions come on top of every fused
+    # array and every original weight not yet let go, and a block that passes lets go of its
+    # original weights (its expression's terms, the index's cached values; exclusivity: no one
+    # else reads them). The checks are independent of one another; the order only sets the peak.
+    for d, nodes, root, new_nodes, params in sorted(blocks, key=lambda b: sum(a.nbytes for a in b[4].values())):
         if analyser.options.check_blocks and not check_alone(analyser, d, nodes, new_nodes, params, order):
             continue
-        applied.append((d, new_nodes))
-        for name, array in params.items():
-            add_initializer(graph, name, array)
-        # the fused arrays are in the graph now, and the block's own parameters are read by no
-        # one else (exclusivity): let both go before the next block, not after the last
-        d.value.kernel = d.value.bias = None
+        passed.add(id(d))
+        d.expr = None
         analyser.index.forget(i for n in nodes for i in n.input)
-        del params
+    applied = []
+    for d, nodes, root, new_nodes, params in blocks:   # the graph is written in graph order
+        if id(d) not in passed:
+            continue
+        applied.append((d, new_nodes))
+        # each fused array is handed over as its last reference, freed before protobuf copies its bytes
+        d.value.kernel = d.value.bias = None
+        for name in list(params):
+            add_initializer(graph, name, params.pop(name))
         removed.update(id(n) for n in nodes)
         replace[id(root)] = new_nodes
         d.report.nodes = [n.name for n in nodes]
+    del blocks
     if not applied:   # every block failed its check: the graph is left as it was
         return []
     kept = []
@@ -162,6 +174,9 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
         last = applied = analyser = None
         analyser = Analyser(model, options)
         last = analyser.decisions()
+        # the walker's memo holds every expression walked, and through them every weight read;
+        # the rewrite reads weights through the index alone, which forgets each replaced block's
+        analyser.walker = None
         if not write:
             fused.extend(d.report for d in reversed(last) if d.report.fused)   # graph order
             break
