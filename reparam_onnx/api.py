@@ -18,6 +18,7 @@ from .rulebook import RuleError, load_rules
 from . import validate
 from .shapes import SPATIAL, covering_sizes, static_shapes
 from .verify import compare, has_dynamic_spatial, random_inputs, too_large
+from .verify import Model, reference as verify_reference
 
 ModelLike = Union[str, "os.PathLike[str]", onnx.ModelProto]
 
@@ -71,11 +72,14 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     if initializers_as_constants:
         report.notes.append("initializers listed as graph inputs were treated as constants (--initializers-as-constants)")
     _note_unsupported(original, report)
-    if write and (isinstance(model, onnx.ModelProto) or verify):
-        work = onnx.ModelProto()   # the caller's proto, or the reference for verification, stays intact
+    reference: Model = original
+    if write and isinstance(model, onnx.ModelProto):
+        work = onnx.ModelProto()   # the caller's proto stays intact
         work.CopyFrom(original)
     else:
-        work = original            # not edited (analysis), or loaded here and not needed afterwards
+        work = original            # not edited (analysis), or loaded here: edited in place
+        if write and verify:       # what verification compares with, without a copy of the weights
+            reference = verify_reference(original)
     options = FuseOptions(rulebook, initializers_as_constants, str(folder) if folder else None,
                           check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol, allow_larger=allow_larger)
     stage("analyse and fuse")
@@ -94,7 +98,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         report.verification = Verification(ran=False, passed=True, message="analysis only")
     else:
         stage("verify")
-        report.verification = _verify(original, work, fused_blocks, seed, rtol, atol, inputs)
+        report.verification = _verify(reference, work, fused_blocks, seed, rtol, atol, inputs)
         if report.verification.ran and report.verification.message:
             report.notes.append(report.verification.message)
         if not report.verification.passed:
@@ -103,9 +107,11 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     return FuseResult(result_model, report, [str(f) for f in data_files])
 
 
-def _verify(original: onnx.ModelProto, fused: onnx.ModelProto, fused_blocks: Sequence[BlockReport], seed: int,
+def _verify(reference: Model, fused: onnx.ModelProto, fused_blocks: Sequence[BlockReport], seed: int,
             rtol: Optional[float], atol: float, inputs: Optional[Dict[str, np.ndarray]]) -> Verification:
-    """The whole-model comparison, on the graph outputs and every fused block's output."""
+    """The whole-model comparison, on the graph outputs and every fused block's output.
+    `reference`: the original model, or verify.reference() of it taken before it was edited."""
+    original = reference[0] if isinstance(reference, tuple) else reference   # its graph, all that is read here
     shapes = static_shapes(original)
     huge = too_large(shapes)
     if huge:
@@ -125,7 +131,7 @@ def _verify(original: onnx.ModelProto, fused: onnx.ModelProto, fused_blocks: Seq
             runs = [random_inputs(original, seed, size) for size in sizes]
         except ValueError as exc:
             return Verification(ran=False, passed=False, message=str(exc))
-    result = compare(original, fused, compared, types, runs=runs, seed=seed, rtol=rtol, atol=atol,
+    result = compare(reference, fused, compared, types, runs=runs, seed=seed, rtol=rtol, atol=atol,
                      random=inputs is None)
     if short:
         result.message = "; ".join(filter(None, [result.message, (

@@ -32,7 +32,9 @@ def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> Non
     tensor = graph.initializer.add()
     tensor.dims.extend(array.shape)
     tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-    tensor.raw_data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+    data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+    del array   # a caller handing over its last reference frees the array before protobuf copies the bytes
+    tensor.raw_data = data
     tensor.name = name
 
 

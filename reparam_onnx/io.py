@@ -166,10 +166,32 @@ def _parse(path: Path, keep: bool = False, take: bool = False) -> onnx.ModelProt
     key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
     model = _parsed.pop(key, None) if take else _parsed.get(key)
     if model is None:
-        model = onnx.load(str(path), load_external_data=False)
+        model = _read_model(path)
         if keep:
             _parsed.clear()
             _parsed[key] = model
+    return model
+
+
+def _read_model(path: Path) -> onnx.ModelProto:
+    """onnx.load(path, load_external_data=False). A binary model file is parsed from a read-only
+    map of the file: onnx.load reads it into a bytes object first, a copy of the whole file
+    the parse does not need (protobuf copies what it keeps). Other formats (text protos, by
+    extension) and files that cannot be mapped go through onnx.load."""
+    from onnx import serialization
+    fmt = serialization.registry.get_format_from_file_extension(path.suffix)
+    if fmt not in (None, "protobuf"):
+        return onnx.load(str(path), load_external_data=False)
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            with memoryview(view) as data:
+                model = onnx.ModelProto()
+                decoded = model.ParseFromString(data)
+                size = len(data)
+    except (OSError, ValueError):   # not mappable (empty, a device): as onnx.load would read it
+        return onnx.load(str(path), load_external_data=False)
+    if decoded is not None and decoded != size:   # as onnx's protobuf deserializer checks
+        raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {size}")
     return model
 
 
@@ -224,8 +246,8 @@ def written_files(output: PathLike, protect: Sequence[PathLike]) -> Files:
     """Every file writing `output` (with `protect` as save() gets it) may write or replace:
     the model, the data file save() would choose, the data files of the model it replaces."""
     path = Path(output)
-    replaced = _replaced_locations(path)
-    return [("the output model", path), ("the output's external data", _data_path(path, protect))] + \
+    replaced = _replaced_locations(path)   # read once: a large output it replaces is scanned whole
+    return [("the output model", path), ("the output's external data", _data_path(path, protect, replaced))] + \
         [("the external data of the output it replaces", p) for p in replaced]
 
 
@@ -293,10 +315,11 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     return kept
 
 
-def _data_path(path: Path, protect) -> Path:
+def _data_path(path: Path, protect, own: Optional[List[Path]] = None) -> Path:
     """'<output>.data', or the first '<output>.N.data' that is neither protected nor an
-    unrelated file; a data file of the output being replaced is reused when nothing else uses it."""
-    own = _replaced_locations(path)
+    unrelated file; a data file of the output being replaced (`own`: _replaced_locations, when
+    already read) is reused when nothing else uses it."""
+    own = _replaced_locations(path) if own is None else own
     for n in range(0, 1000):
         candidate = path.with_name(path.name + (".data" if n == 0 else f".{n}.data"))
         if any(same_file(candidate, p) for p in protect):

@@ -43,27 +43,41 @@ def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decis
     replace: Dict[int, List[onnx.NodeProto]] = {}
     removed: Set[int] = set()
     order = {id(n): i for i, n in enumerate(graph.node)}
-    applied = []
-    for d in fused:
+    blocks = []
+    for d in fused:   # in graph order: the new nodes take their names in this order
         nodes = sorted(block_nodes(d.expr, d.report.input), key=lambda n: order[id(n)])
         root = analyser.index.producer[d.expr.tensor]
         new_nodes, params = build(d, root, names)
         for node in new_nodes:   # provenance: which rule made the node
             entry = node.metadata_props.add()
             entry.key, entry.value = RULE_KEY, d.report.rule or ""
+        blocks.append((d, nodes, root, new_nodes, params))
+    passed = set()
+    # Each block is checked alone, smallest first: a check's sessions come on top of every fused
+    # array and every original weight not yet let go, and a block that passes lets go of its
+    # original weights (its expression's terms, the index's cached values; exclusivity: no one
+    # else reads them). The checks are independent of one another; the order only sets the peak.
+    for d, nodes, root, new_nodes, params in sorted(blocks, key=lambda b: sum(a.nbytes for a in b[4].values())):
         if analyser.options.check_blocks and not check_alone(analyser, d, nodes, new_nodes, params, order):
             continue
-        applied.append((d, new_nodes))
-        for name, array in params.items():
-            add_initializer(graph, name, array)
-        # the fused arrays are in the graph now, and the block's own parameters are read by no
-        # one else (exclusivity): let both go before the next block, not after the last
-        d.value.kernel = d.value.bias = None
+        passed.add(id(d))
+        d.expr = None
         analyser.index.forget(i for n in nodes for i in n.input)
-        del params
+    applied = []
+    for d, nodes, root, new_nodes, params in blocks:   # the graph is written in graph order
+        if id(d) not in passed:
+            continue
+        applied.append((d, new_nodes))
+        # each fused array is handed over as its last reference, freed before protobuf copies its bytes
+        d.value.kernel = d.value.bias = None
+        for name in list(params):
+            add_initializer(graph, name, params.pop(name))
         removed.update(id(n) for n in nodes)
         replace[id(root)] = new_nodes
         d.report.nodes = [n.name for n in nodes]
+    del blocks
+    if not applied:   # every block failed its check: the graph is left as it was
+        return []
     kept = []
     for node in graph.node:
         if id(node) in replace:
@@ -132,10 +146,11 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
     are not inputs (and a weight the rewrite made stays a constant for the next pass).
     """
     graph = model.graph
-    ir_version = model.ir_version
+    ir_version, had_ir_version = model.ir_version, model.HasField("ir_version")
     initializers_before = {t.name for t in graph.initializer}
     if write:
         model.ir_version = max(ir_version, 4)
+    result = None
     try:
         # NaN or inf in weights and statistics is arithmetic, not an error: non-finite fused
         # weights leave their block unfused (Analyser._check_dtype), and numpy prints no warning.
@@ -143,6 +158,8 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
             result = _fuse_passes(model, options, write)
     finally:
         model.ir_version = ir_version
+        if not had_ir_version and not (result and any(r.fused for r in result[0])):
+            model.ClearField("ir_version")   # a model nothing was written into is as it was
     if ir_version < 4:
         list_as_inputs(graph, [t for t in graph.initializer if t.name not in initializers_before])
     return result
@@ -154,8 +171,14 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
     made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
     last: List[Decision] = []
     for _ in range(MAX_PASSES):
+        # the last pass's decisions hold its blocks' expressions, and through them the weights
+        # they read (replaced now): let them go before the next pass reads the graph again
+        last = applied = analyser = None
         analyser = Analyser(model, options)
         last = analyser.decisions()
+        # the walker's memo holds every expression walked, and through them every weight read;
+        # the rewrite reads weights through the index alone, which forgets each replaced block's
+        analyser.walker = None
         if not write:
             fused.extend(d.report for d in reversed(last) if d.report.fused)   # graph order
             break

@@ -58,29 +58,50 @@ class NumericRisk:
     warnings: List[str] = field(default_factory=list)   # FLOAT16, INT8
 
 
+CHUNK_ELEMENTS = 1 << 16   # output channels are taken a block of rows at a time, of about this many weights
+
+
 def numeric_risk(kernel: np.ndarray, bias: np.ndarray) -> NumericRisk:
-    """The figures and warnings of a fused conv's kernel (C_out first) and bias."""
+    """The figures and warnings of a fused conv's kernel (C_out first) and bias.
+
+    The kernel is read a block of output channels at a time (every figure is per channel, or
+    an extreme over channels): the float64 temporaries stay in the cache, and a large kernel
+    needs no float64 copy of itself. Each channel's figures are those of the whole-array
+    computation, bit for bit (tests/test_risk.py compares them)."""
     w = np.asarray(kernel)
     b = np.asarray(bias, dtype=np.float64)
     flat = w.reshape(w.shape[0], -1) if w.ndim else w.reshape(1, 1)
-    ranges = np.max(np.abs(flat), axis=1, initial=0.0).astype(np.float64)
+    rows = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    blocks = [slice(i, min(i + rows, flat.shape[0])) for i in range(0, flat.shape[0], rows)]
+    ranges = np.zeros(flat.shape[0], np.float64)
+    norms = np.zeros(flat.shape[0], np.float64)
+    for block in blocks:
+        part = flat[block]
+        ranges[block] = np.max(np.abs(part), axis=1, initial=0.0)
+        channels = part.astype(np.float64, copy=False)
+        norms[block] = np.einsum("ij,ij->i", channels, channels, dtype=np.float64)
+    np.sqrt(norms, out=norms)
     live = ranges[ranges > 0]
     spread = float(live.max() / live.min()) if live.size > 1 else 1.0
     largest = float(max(ranges.max(initial=0.0), np.max(np.abs(b), initial=0.0)))
     warnings = [FLOAT16] if largest > FLOAT16_MAX else []
     if spread > SPREAD_LIMIT:
         warnings.append(INT8)
-    channels = flat.astype(np.float64, copy=False)
-    norms = np.sqrt(np.einsum("ij,ij->i", channels, channels, dtype=np.float64))
+    per_tensor = np.full_like(ranges, ranges.max(initial=0.0))
+    errors = np.zeros(flat.shape[0], np.float64)
+    errors_per_channel = np.zeros(flat.shape[0], np.float64)
+    for block in blocks:
+        channels = flat[block].astype(np.float64, copy=False)
+        errors[block] = _int8_errors(channels, per_tensor[block])
+        errors_per_channel[block] = _int8_errors(channels, ranges[block])
     return NumericRisk(
         weight_min=_min(w), weight_max=_max(w), bias_min=_min(b), bias_max=_max(b), channel_spread=spread,
-        int8_error=_int8_error(channels, np.full_like(ranges, ranges.max(initial=0.0)), norms),
-        int8_error_per_channel=_int8_error(channels, ranges, norms), warnings=warnings)
+        int8_error=_worst(errors, norms), int8_error_per_channel=_worst(errors_per_channel, norms), warnings=warnings)
 
 
-def _int8_error(channels: np.ndarray, ranges: np.ndarray, norms: np.ndarray) -> float:
-    """Worst ||q(w) - w|| / ||w|| over channels (norms: ||w|| per channel), q the symmetric int8
-    grid of step range/127; computed in one temporary."""
+def _int8_errors(channels: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """||q(w) - w|| per channel, q the symmetric int8 grid of step range/127; computed in one
+    temporary."""
     step = (ranges / INT8_LEVELS)[:, None]
     safe = np.where(step > 0, step, 1.0).astype(channels.dtype)
     error = channels / safe
@@ -88,7 +109,12 @@ def _int8_error(channels: np.ndarray, ranges: np.ndarray, norms: np.ndarray) -> 
     np.clip(error, -INT8_LEVELS, INT8_LEVELS, out=error)
     error *= safe
     error -= channels
-    errors = np.sqrt(np.einsum("ij,ij->i", error, error, dtype=np.float64))
+    errors: np.ndarray = np.sqrt(np.einsum("ij,ij->i", error, error, dtype=np.float64))
+    return errors
+
+
+def _worst(errors: np.ndarray, norms: np.ndarray) -> float:
+    """Worst ||q(w) - w|| / ||w|| over channels (norms: ||w|| per channel; 0 for a zero channel)."""
     return float(np.max(np.where(norms > 0, errors / np.where(norms > 0, norms, 1.0), 0.0), initial=0.0))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -124,19 +124,57 @@ def _skeleton(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, np.nda
     an external location never read), and {stub: its data as an array} for _session. Nothing
     of the model is modified, and no weight is copied into another protobuf (a model over
     2 GiB then still serializes)."""
+    out, tensors = _split(model)
+    return out, {name: _array(tensor) for name, tensor in tensors.items()}
+
+
+def _split(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, onnx.TensorProto]]:
+    """_skeleton's copy, and {stub: the model's own tensor it stands for} (not read)."""
     out = onnx.ModelProto()
     _copy_fields(model, out, skip={"graph"})
     _copy_fields(model.graph, out.graph, skip={"initializer"})
-    arrays = {}
+    tensors = {}
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _PLAIN \
                 or not tensor.HasField("raw_data") or math.prod(tensor.dims) * _itemsize(tensor) < EXTERNAL_MIN_BYTES:
             out.graph.initializer.add().CopyFrom(tensor)
             continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        arrays[tensor.name] = np.frombuffer(tensor.raw_data, dtype).reshape(tuple(tensor.dims))
+        tensors[tensor.name] = tensor
         out.graph.initializer.add().CopyFrom(_stub(tensor.name, tensor.data_type, tensor.dims))
-    return out, arrays
+    return out, tensors
+
+
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.frombuffer(tensor.raw_data, dtype).reshape(tuple(tensor.dims))
+
+
+class _Arrays(Mapping):
+    """{stub: array} whose arrays are read from the tensors when asked (each time: a session's
+    copy goes with its runner)."""
+
+    def __init__(self, tensors: Dict[str, onnx.TensorProto]):
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return _array(self.tensors[name])
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def reference(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Mapping]:
+    """The model as compare() and _Runner read it, taken before the model is edited in place:
+    _skeleton's copy (small), and its large weights read from the model's own TensorProtos
+    only when a runner is made, so no second copy of the model is kept while it is edited.
+    The edit may remove those tensors from the graph (protobuf keeps a removed message alive
+    for whoever holds it) but must not change them; the fusion never does (it adds new
+    initializers and removes replaced ones)."""
+    out, tensors = _split(model)
+    return out, _Arrays(tensors)
 
 
 def _copy_fields(source, target, skip) -> None:
@@ -244,10 +282,14 @@ def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
     return delta / scale if scale > 0 else delta
 
 
-def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: Iterable[str],
+Model = Union[onnx.ModelProto, Tuple[onnx.ModelProto, Mapping]]   # a model, or (skeleton, {stub: array})
+
+
+def compare(original: Model, fused: Model, block_outputs: Iterable[str],
             types: Dict[str, int], runs: Sequence[Dict[str, np.ndarray]], seed: int = 0,
             rtol: Optional[float] = None, atol: float = 0.0, random: bool = True) -> Verification:
-    """Run both models on every feed set of `runs` and compare their float outputs.
+    """Run both models on every feed set of `runs` and compare their float outputs (each a
+    ModelProto, or a skeleton and its stubs' arrays: see reference()).
 
     A tensor passes when its NaN/inf positions and values agree and, over the finite
     values, max|Δ| ≤ atol + max(rtol·max|ref|, NOISE_FACTOR·noise). With the default rtol,
@@ -260,7 +302,7 @@ def compare(original: onnx.ModelProto, fused: onnx.ModelProto, block_outputs: It
     values, and the message says so.
     """
     block_outputs = list(block_outputs)
-    chosen = choices(original, fused, types)
+    chosen = choices(original[0] if isinstance(original, tuple) else original, fused, types)
     try:   # one session at a time: a large model's two runtime copies never coexist
         reference = _Runner(original, block_outputs + chosen, types)
         refs = [reference(feeds) for feeds in runs]

@@ -40,6 +40,41 @@ def test_one_channel_or_all_zero_has_no_spread():
     assert numeric_risk(np.zeros((3, 1, 1, 1)), np.zeros(3)).channel_spread == 1.0
 
 
+def _whole_array_risk(w, b):
+    """The figures computed on the whole kernel at once (the formulas numeric_risk takes a block
+    of channels at a time): (weight and bias extremes, spread, per-tensor and per-channel error)."""
+    w, b = np.asarray(w), np.asarray(b, np.float64)
+    flat = w.reshape(w.shape[0], -1)
+    ranges = np.max(np.abs(flat), axis=1, initial=0.0).astype(np.float64)
+    live = ranges[ranges > 0]
+    channels = flat.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", channels, channels, dtype=np.float64))
+
+    def error(r):
+        step = (r / 127)[:, None]
+        safe = np.where(step > 0, step, 1.0)
+        e = np.clip(np.round(channels / safe), -127, 127) * safe - channels
+        errors = np.sqrt(np.einsum("ij,ij->i", e, e, dtype=np.float64))
+        return float(np.max(np.where(norms > 0, errors / np.where(norms > 0, norms, 1.0), 0.0), initial=0.0))
+    return (float(w.min()), float(w.max()), float(b.min()), float(b.max()),
+            float(live.max() / live.min()) if live.size > 1 else 1.0,
+            error(np.full_like(ranges, ranges.max(initial=0.0))), error(ranges))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 1, 1, 1), (64, 64, 3, 3), (7, 9000, 1, 1), (1, 70000, 1, 1),
+                                   (70000, 1, 1, 1), (333, 17, 5, 5), (2, 3)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_figures_are_those_of_the_whole_array(shape, dtype):
+    """numeric_risk reads a block of channels at a time; every figure is the whole-array one, bit for bit."""
+    rng = np.random.default_rng(sum(shape))
+    w = rng.normal(size=shape) * np.exp(rng.normal(0, 2, shape[0])).reshape((-1,) + (1,) * (len(shape) - 1))
+    w, b = w.astype(dtype), rng.normal(size=shape[0])
+    r = numeric_risk(w, b)
+    got = (r.weight_min, r.weight_max, r.bias_min, r.bias_max, r.channel_spread, r.int8_error,
+           r.int8_error_per_channel)
+    assert got == _whole_array_risk(w, b)
+
+
 @pytest.mark.parametrize("spread, warned", [(SPREAD_LIMIT, False), (SPREAD_LIMIT * 1.01, True), (1000.0, True)])
 def test_int8_warning_past_the_spread_limit(spread, warned):
     r = numeric_risk(kernel_with_ranges([1.0, 0.7, 1.0 / spread]), np.zeros(3))

@@ -296,12 +296,12 @@ def test_a_run_parses_the_input_once_and_an_inline_output_it_replaces_never(exis
         onnx.save_model(_repvgg(seed=1), str(out), save_as_external_data=True, location="f.onnx.data",
                         size_threshold=0)
     parsed = []
-    real = onnx.load
+    real = io._read_model   # every parse of a model file goes through it
 
     def counting(path, *args, **kwargs):
         parsed.append(Path(path).name)
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(onnx, "load", counting)
+    monkeypatch.setattr(io, "_read_model", counting)
     assert invoke([src, "-o", out, "-q", "--no-verify"]) == 0
     assert capfd.readouterr().err == ""
     assert parsed.count("m.onnx") == 1
@@ -317,3 +317,23 @@ def test_replaced_locations_of_files_that_are_not_models(tmp_path):
     (tmp_path / "named.onnx").write_bytes(b"\xff" + io._LOCATION + b"\xff")   # the bytes, not a model
     for name in ("empty.onnx", "junk.onnx", "named.onnx", "missing.onnx"):
         assert io._replaced_locations(tmp_path / name) == []
+
+
+def test_a_model_file_is_parsed_as_onnx_load_parses_it(tmp_path):
+    """_read_model parses a binary model from a map of the file: the model onnx.load gives, text
+    formats by extension as onnx.load reads them, and what onnx.load refuses refused."""
+    from google.protobuf.message import DecodeError
+    model = _repvgg()
+    for name in ("m.onnx", "m.pb", "m.bin"):
+        onnx.save(model, str(tmp_path / name))
+        assert io._read_model(tmp_path / name) == onnx.load(str(tmp_path / name), load_external_data=False)
+    onnx.save(model, str(tmp_path / "m.textproto"), format="textproto")
+    assert io._read_model(tmp_path / "m.textproto") == model
+    whole = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 100)
+    for name in ("cut.onnx", "junk.onnx"):
+        with pytest.raises((DecodeError, RuntimeError, ValueError)):
+            onnx.load(str(tmp_path / name), load_external_data=False)
+        with pytest.raises((DecodeError, RuntimeError, ValueError)):
+            io._read_model(tmp_path / name)
