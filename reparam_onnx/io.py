@@ -8,7 +8,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -263,7 +263,8 @@ def refuse_clash(what: str, path: PathLike, files: Files) -> None:
 
 def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
          protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = (),
-         progress: Optional[Callable[[int, int], None]] = None) -> List[Tuple[Path, str]]:
+         progress: Optional[Callable[[int, int], None]] = None,
+         arrays: Optional[Mapping[str, Any]] = None) -> List[Tuple[Path, str]]:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
@@ -277,6 +278,8 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     A replaced file keeps its mode (a new data file takes that of the first file in
     `replaces`); a new file gets 0666 & ~umask, as open() would give it.
     `progress(done, total)` is told the bytes written so far (model file, or data file then model file).
+    `arrays` holds the data of the model's pending stubs (see add_pending): each is written
+    as the tensor it stands for (the file is that of the model with materialize(model, arrays)).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -287,7 +290,8 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     protect, replaces = list(protect), list(replaces)
     if any(same_file(path, p) for p in protect):
         raise InputError(f"writing '{path}' would overwrite the input model; choose another output name")
-    parts = None if external else serialized_parts(model)
+    arrays = arrays or {}
+    parts = None if external else serialized_parts(model, arrays)
     external = external or parts_size(parts) >= TWO_GIB
     data_path = None
     count = _Count(progress)
@@ -295,11 +299,11 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
         parts = None   # the inline serialization is not used: let its pieces go
         data_path = _data_path(path, protect)
         like = None if data_path.exists() else next(iter(replaces), None)
-        count.total = sum(map(_raw_size, _externalized(model)))
-        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name, count), like=like)
-        parts = serialized_parts(model)
+        count.total = sum(map(_raw_size, _externalized(model, arrays)))
+        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name, count, arrays), like=like)
+        parts = serialized_parts(model, arrays)
     count.total += parts_size(parts)
-    write_atomic(path, lambda f: write_parts(model, parts, f, count))
+    write_atomic(path, lambda f: write_parts(model, parts, f, count, arrays))
     kept = []
     for old in map(Path, replaces):
         if data_path is not None and same_file(old, data_path):
@@ -370,9 +374,10 @@ def _folders_up(start: Path, top: Path) -> List[Path]:
     return folders if top in folders else folders + [top]
 
 
-def _externalized(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
-    """The initializers _externalize moves to the data file."""
-    return (t for t in model.graph.initializer if t.HasField("raw_data") and _raw_size(t) >= EXTERNAL_THRESHOLD)
+def _externalized(model: onnx.ModelProto, arrays: Mapping[str, Any]) -> Iterable[onnx.TensorProto]:
+    """The initializers _externalize moves to the data file (pending stubs as their tensors)."""
+    return (t for t in model.graph.initializer
+            if (t.HasField("raw_data") or pending(t, arrays)) and _raw_size(t) >= EXTERNAL_THRESHOLD)
 
 
 def _raw_size(tensor: onnx.TensorProto) -> int:
@@ -381,13 +386,13 @@ def _raw_size(tensor: onnx.TensorProto) -> int:
     return len(tensor.raw_data) if length is None else length
 
 
-def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count") -> None:
+def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count", arrays: Mapping[str, Any]) -> None:
     offset = 0
-    for tensor in _externalized(model):
+    for tensor in _externalized(model, arrays):
         pad = (-offset) % 4096
         handle.write(b"\0" * pad)
         offset += pad
-        data = tensor.raw_data
+        data = _array_bytes(arrays[tensor.name]) if pending(tensor, arrays) else tensor.raw_data
         handle.write(data)
         del tensor.external_data[:]
         for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
@@ -398,6 +403,52 @@ def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count")
         offset += len(data)
         count(len(data))
         del data   # one tensor's bytes at a time
+
+
+# ---------------------------------------------------------------- pending stubs
+#
+# A fused weight need not be copied into the model while the model is only going to be saved:
+# the graph holds a stub (name, type, dims, an external location no file has) and the array
+# stays apart, until save() writes its bytes where the tensor's would go or materialize()
+# puts it into the model. The file is the same either way.
+
+PENDING_LOCATION = "\0reparam-onnx-pending"   # no file has this name: a reader unaware of it fails
+
+
+def add_pending(graph: onnx.GraphProto, name: str, array: Any, arrays: Dict[str, Any]) -> None:
+    """A stub initializer standing for `array` (the tensor edit.add_initializer would add);
+    the array goes into `arrays`, made read-only."""
+    import numpy as np
+    array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+    array.flags.writeable = False
+    tensor = graph.initializer.add()
+    tensor.dims.extend(array.shape)
+    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.name = name
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", PENDING_LOCATION
+    arrays[name] = array
+
+
+def pending(tensor: onnx.TensorProto, arrays: Mapping[str, Any]) -> bool:
+    """A stub of add_pending whose array is in `arrays`."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and len(tensor.external_data) == 1 and \
+        tensor.external_data[0].value == PENDING_LOCATION and tensor.name in arrays
+
+
+def materialize(model: onnx.ModelProto, arrays: Mapping[str, Any]) -> None:
+    """Put the arrays of the model's pending stubs into it: each stub becomes the tensor it stands for."""
+    for tensor in model.graph.initializer:
+        if pending(tensor, arrays):
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            tensor.raw_data = bytes(_array_bytes(arrays[tensor.name]))
+
+
+def _array_bytes(array: Any) -> memoryview:
+    """The bytes of a pending array (C order, little-endian, as add_pending keeps it)."""
+    return memoryview(array).cast("B")
 
 
 # ---------------------------------------------------------------- streamed serialization
@@ -414,15 +465,19 @@ STREAM_MIN = 64 << 10   # raw_data of at least this many bytes is streamed; smal
 
 
 class _RawData:
-    """The raw_data record of a tensor: its header now, its bytes when written."""
-    __slots__ = ("tensor", "length", "header")
+    """The raw_data record of a tensor: its header now, its bytes when written (read from the
+    tensor, or from `array` for a pending stub)."""
+    __slots__ = ("tensor", "length", "header", "array")
 
-    def __init__(self, tensor: onnx.TensorProto, length: int):
-        self.tensor, self.length = tensor, length
+    def __init__(self, tensor: onnx.TensorProto, length: int, array: Any = None):
+        self.tensor, self.length, self.array = tensor, length, array
         self.header = _key(_RAW_DATA) + _varint(length)
 
     def __len__(self) -> int:
         return len(self.header) + self.length
+
+    def data(self) -> Union[bytes, memoryview]:
+        return self.tensor.raw_data if self.array is None else _array_bytes(self.array)
 
 
 class _Mismatch(Exception):
@@ -434,9 +489,11 @@ _Handler = Callable[[Any, Any], Optional[List[Part]]]
 _RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
-def serialized_parts(model: onnx.ModelProto) -> List[Part]:
-    """The parts whose concatenation is model.SerializeToString() (see write_parts)."""
-    return _parts(model, {"graph": _submessage(_graph_parts)})
+def serialized_parts(model: onnx.ModelProto, arrays: Optional[Mapping[str, Any]] = None) -> List[Part]:
+    """The parts whose concatenation is model.SerializeToString() (see write_parts); with
+    `arrays`, that of the model materialize(model, arrays) would make."""
+    arrays = arrays or {}
+    return _parts(model, {"graph": _submessage(lambda graph: _graph_parts(graph, arrays))})
 
 
 def parts_size(parts: Optional[List[Part]]) -> int:
@@ -456,16 +513,18 @@ class _Count:
             self.progress(self.done, self.total)
 
 
-def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Optional[_Count] = None) -> None:
-    """Write the parts, each large tensor's bytes read from the model in turn (one at a time
-    in memory); a tensor whose length was mispredicted sends the whole model through
-    SerializeToString instead (the file is rewritten from its start)."""
+def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Optional[_Count] = None,
+                arrays: Optional[Mapping[str, Any]] = None) -> None:
+    """Write the parts, each large tensor's bytes read from the model (or its pending array)
+    in turn (one at a time in memory); a tensor whose length was mispredicted sends the whole
+    model through SerializeToString instead (the file is rewritten from its start; pending
+    stubs are materialized for it)."""
     try:
         for part in parts:
             if isinstance(part, bytes):
                 handle.write(part)
             else:
-                data = part.tensor.raw_data
+                data = part.data()
                 if len(data) != part.length:
                     raise _Mismatch(part.tensor.name)
                 handle.write(part.header)
@@ -476,6 +535,7 @@ def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Option
     except _Mismatch:
         handle.seek(0)
         handle.truncate()
+        materialize(model, arrays or {})
         handle.write(model.SerializeToString())
 
 
@@ -570,9 +630,25 @@ def _each(parts_of, wanted=lambda element: True):
     return handler
 
 
-def _graph_parts(graph: onnx.GraphProto) -> List[Part]:
-    return _parts(graph, {"initializer": _each(_tensor_parts, _large),
+def _graph_parts(graph: onnx.GraphProto, arrays: Mapping[str, Any]) -> List[Part]:
+    def initializer_parts(tensor: onnx.TensorProto) -> List[Part]:
+        return _pending_parts(tensor, arrays[tensor.name]) if pending(tensor, arrays) else _tensor_parts(tensor)
+    return _parts(graph, {"initializer": _each(initializer_parts, lambda t: _large(t) or pending(t, arrays)),
                           "node": _each(_node_parts, _has_large_attribute)})
+
+
+def _pending_parts(stub: onnx.TensorProto, array: Any) -> List[Part]:
+    """The parts of the tensor a pending stub stands for: its fields without the stub's external
+    location, and the array's bytes as its raw_data, in field-number order."""
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(stub)
+    tensor.ClearField("external_data")
+    tensor.ClearField("data_location")
+    before, after = onnx.TensorProto(), onnx.TensorProto()
+    for field, _ in tensor.ListFields():
+        _copy_field(tensor, before if field.number < _RAW_DATA else after, field)
+    raw = _RawData(stub, array.nbytes, array)
+    return [p for p in (before.SerializeToString(), raw, after.SerializeToString()) if len(p)]
 
 
 def _node_parts(node: onnx.NodeProto) -> List[Part]:
