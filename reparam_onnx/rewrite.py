@@ -54,17 +54,25 @@ def apply(analyser: Analyser, decisions: Sequence[Decision],
             entry = node.metadata_props.add()
             entry.key, entry.value = RULE_KEY, d.report.rule or ""
         blocks.append((d, nodes, root, new_nodes, params))
+    # The blocks' original weights (their expressions' terms, the index's cached values;
+    # exclusivity: no one else reads them) go now, before the first check brings onnxruntime in
+    # on top of them and of every fused array: a check reads its block's again from the model.
+    pending = {t.name for t in graph.initializer if io.pending(t, arrays or {})}   # kept apart, freed by nothing
+
+    def let_go(nodes) -> None:
+        analyser.index.forget(i for n in nodes for i in n.input if i not in pending)
+
+    for d, nodes, *_ in blocks:
+        d.expr = None
+        let_go(nodes)
     passed = set()
-    # Each block is checked alone, smallest first: a check's sessions come on top of every fused
-    # array and every original weight not yet let go, and a block that passes lets go of its
-    # original weights (its expression's terms, the index's cached values; exclusivity: no one
-    # else reads them). The checks are independent of one another; the order only sets the peak.
+    # Each block is checked alone, smallest first (a check's sessions come on top of the fused
+    # arrays of the blocks not yet written); the checks are independent of one another.
     for d, nodes, root, new_nodes, params in sorted(blocks, key=lambda b: sum(a.nbytes for a in b[4].values())):
         if analyser.options.check_blocks and not check_alone(analyser, d, nodes, new_nodes, params, order):
             continue
         passed.add(id(d))
-        d.expr = None
-        analyser.index.forget(i for n in nodes for i in n.input)
+        let_go(nodes)
     applied = []
     for d, nodes, root, new_nodes, params in blocks:   # the graph is written in graph order
         if id(d) not in passed:
