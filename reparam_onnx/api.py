@@ -76,7 +76,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         raise InputError(str(exc)) from None
     stage("load")
     original, folder, data_files = io.load(model)
-    validate.check_model(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model")
+    validate.check_model(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model",
+                         io.raw_lengths(original))
     report = Report(ops_before=op_counts(original.graph))
     if initializers_as_constants:
         report.notes.append("initializers listed as graph inputs were treated as constants (--initializers-as-constants)")

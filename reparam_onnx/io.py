@@ -50,13 +50,33 @@ def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Opt
     if path.stat().st_size == 0:
         raise InputError(f"'{path}' is empty")
     try:
-        model = _parse(path, take=True)
+        model, lengths = _parse_with_lengths(path, take=True)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"'{path}' is not an ONNX model ({_first_line(exc) or type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (no graph)")
-    files = _load_external(model, path.parent) if _has_external(model) else []
+    external: Dict[int, int] = {}
+    files = _load_external(model, path.parent, external) if _has_external(model) else []
+    if lengths is not None and len(lengths) == len(model.graph.initializer):
+        _loaded.clear()
+        _loaded[id(model)] = (model, [external.get(i, n) for i, n in enumerate(lengths)])
     return model, path.parent, files
+
+
+# What _read_model's scan learnt of the initializers' raw_data lengths, until _parse takes it;
+# and load()'s, until raw_lengths() hands it over (one model each, held until then).
+_scanned: Dict[int, Tuple[onnx.ModelProto, Optional[List[Optional[int]]]]] = {}
+_loaded: Dict[int, Tuple[onnx.ModelProto, List[Optional[int]]]] = {}
+
+
+def raw_lengths(model: onnx.ModelProto) -> Optional[List[Optional[int]]]:
+    """For the model load() just returned: the length of each initializer's raw_data (None: no
+    raw_data), as read from the file's wire format and the external data entries, without
+    copying the data out of the model (validate.check_model compares them with the dims);
+    None when not known."""
+    entry = _loaded.pop(id(model), None)
+    _loaded.clear()
+    return entry[1] if entry is not None and entry[0] is model else None
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
@@ -87,11 +107,14 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
                 yield sparse.indices
 
 
-def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
+def _load_external(model: onnx.ModelProto, folder: Path, lengths: Optional[Dict[int, int]] = None) -> List[Path]:
+    """Load the external data into the model; `lengths` gets the length read of each initializer
+    (by its index) that had its data outside."""
     from onnx.external_data_helper import load_external_data_for_tensor
     root = folder.resolve()
     files = []
-    for tensor in _all_tensors(model.graph):
+    count = len(model.graph.initializer)   # _all_tensors yields the initializers first, in order
+    for position, tensor in enumerate(_all_tensors(model.graph)):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location, offset, length = _external_entry(tensor)
@@ -110,11 +133,14 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
         if full.stat().st_nlink > 1:
             raise InputError(f"external data '{location}' is hard-linked; external data must be a regular file "
                              f"inside the model's folder: copy the file next to the model")
-        _check_bounds(tensor, location, offset, length, full.stat().st_size)
+        size = full.stat().st_size
+        _check_bounds(tensor, location, offset, length, size)
         try:
             load_external_data_for_tensor(tensor, str(folder))
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read external data '{location}': {_first_line(exc)}") from None
+        if lengths is not None and position < count:   # what onnx read: `length` bytes, or to the end
+            lengths[position] = length if length is not None else size - offset
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
         if full.resolve() not in files:
@@ -153,7 +179,7 @@ def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: 
         raise InputError(f"external data of '{tensor.name}': {what} is past the end of '{location}' ({size} bytes)")
 
 
-_parsed: Dict[tuple, onnx.ModelProto] = {}
+_parsed: Dict[tuple, Tuple[onnx.ModelProto, Optional[List[Optional[int]]]]] = {}
 
 
 def _parse(path: Path, keep: bool = False, take: bool = False) -> onnx.ModelProto:
@@ -162,15 +188,24 @@ def _parse(path: Path, keep: bool = False, take: bool = False) -> onnx.ModelProt
     (device, inode, size, mtime), so a large model is parsed once; load() takes it (take=True:
     it edits the model). Parsing another file (the output it replaces, other models in its
     folder) leaves it kept."""
+    return _parse_with_lengths(path, keep, take)[0]
+
+
+def _parse_with_lengths(path: Path, keep: bool = False,
+                        take: bool = False) -> Tuple[onnx.ModelProto, Optional[List[Optional[int]]]]:
+    """_parse, and the raw_data lengths its parse read (see _scan_raw_lengths; None: not known)."""
     info = path.stat()
     key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    model = _parsed.pop(key, None) if take else _parsed.get(key)
-    if model is None:
+    entry = _parsed.pop(key, None) if take else _parsed.get(key)
+    if entry is None:
         model = _read_model(path)
+        scanned = _scanned.pop(id(model), None)
+        _scanned.clear()
+        entry = (model, scanned[1] if scanned is not None and scanned[0] is model else None)
         if keep:
             _parsed.clear()
-            _parsed[key] = model
-    return model
+            _parsed[key] = entry
+    return entry
 
 
 def _read_model(path: Path) -> onnx.ModelProto:
@@ -188,11 +223,89 @@ def _read_model(path: Path) -> onnx.ModelProto:
                 model = onnx.ModelProto()
                 decoded = model.ParseFromString(data)
                 size = len(data)
+                if decoded is None or decoded == size:
+                    lengths = _scan_raw_lengths(view)
     except (OSError, ValueError):   # not mappable (empty, a device): as onnx.load would read it
         return onnx.load(str(path), load_external_data=False)
     if decoded is not None and decoded != size:   # as onnx's protobuf deserializer checks
         raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {size}")
+    _scanned.clear()   # one parse's at a time: _parse takes it at once
+    _scanned[id(model)] = (model, lengths)
     return model
+
+
+class _Unusual(Exception):
+    """The wire format is not laid out plainly enough to read lengths from it."""
+
+
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _scan_raw_lengths(buf) -> Optional[List[Optional[int]]]:
+    """The length of each graph initializer's raw_data (None: it has none), in order, read from
+    the serialized model's record headers (the data is skipped, not read); None unless the model
+    has one graph record, each initializer is a length-delimited record, and every raw_data is
+    length-delimited (a repeated one: the last, as protobuf keeps it)."""
+    try:
+        graphs = [(start, end) for number, wire, start, end in _records(buf, 0, len(buf)) if number == _GRAPH]
+        if len(graphs) != 1 or graphs[0][0] is None:
+            return None
+        lengths: List[Optional[int]] = []
+        for number, wire, start, end in _records(buf, *graphs[0]):
+            if number != _INITIALIZER:
+                continue
+            if start is None:
+                return None
+            raw = None
+            for field, _, data_start, data_end in _records(buf, start, end):
+                if field == _RAW_DATA:
+                    if data_start is None:
+                        return None
+                    raw = data_end - data_start
+            lengths.append(raw)
+        return lengths
+    except _Unusual:
+        return None
+
+
+def _records(buf, pos: int, end: int):
+    """(field number, wire type, start, end) of each record in buf[pos:end]; start and end of
+    the value of a length-delimited one, None for the others. _Unusual on groups and overruns."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        start = stop = None
+        if wire == 0:
+            _, pos = _read_varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos, end)
+            start, stop = pos, pos + length
+            pos = stop
+        else:
+            raise _Unusual(f"wire type {wire}")
+        if pos > end:
+            raise _Unusual("a record runs past its message")
+        yield number, wire, start, stop
+    if pos != end:
+        raise _Unusual("a record runs past its message")
+
+
+def _read_varint(buf, pos: int, end: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Unusual("a varint runs past its message")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
 
 def external_locations(path: PathLike, keep: bool = False) -> Optional[List[Path]]:
