@@ -551,12 +551,17 @@ def pending(tensor: onnx.TensorProto, arrays: Mapping[str, Any]) -> bool:
 
 
 def materialize(model: onnx.ModelProto, arrays: Mapping[str, Any]) -> None:
-    """Put the arrays of the model's pending stubs into it: each stub becomes the tensor it stands for."""
+    """Put the arrays of the model's pending stubs into it: each stub becomes the tensor it stands
+    for. A dict of arrays gives each up once it is in the model (the last reference to it goes)."""
     for tensor in model.graph.initializer:
         if pending(tensor, arrays):
             tensor.ClearField("external_data")
             tensor.ClearField("data_location")
-            tensor.raw_data = bytes(_array_bytes(arrays[tensor.name]))
+            data = bytes(_array_bytes(arrays[tensor.name]))
+            if isinstance(arrays, dict):
+                del arrays[tensor.name]
+            tensor.raw_data = data
+            del data
 
 
 def _array_bytes(array: Any) -> memoryview:
