@@ -64,6 +64,12 @@ class Analyser:
             self.index = self._index()
         self.walker = Walker(self.index)
 
+    def forget_expressions(self) -> None:
+        """Drop the walker: its memo holds every expression walked, and through them every
+        weight read. What comes after deciding reads weights through the index alone, which
+        forgets each replaced block's."""
+        self.walker = None
+
     def _index(self) -> GraphIndex:
         return GraphIndex(self.graph, self.shapes, default_opset(self.model), self.options.initializers_as_constants,
                           self.options.external_base)

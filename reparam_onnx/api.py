@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -32,6 +34,9 @@ class FuseResult:
     model: onnx.ModelProto          # the fused model (the input itself when nothing was fused)
     report: Report
     data_files: List[str] = field(default_factory=list)   # the input's external data files
+    # within to_save(): the arrays of the model's pending stubs (io.save writes them; io.materialize
+    # puts them into the model); empty otherwise
+    arrays: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def external_data(self) -> bool:
@@ -59,6 +64,10 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     `disable_rules` names rules not to use (e.g. "generic": only the named families fuse).
     `progress`, when given, is called with the name of each stage as it starts ("load",
     "analyse and fuse", "verify").
+    Within `with to_save():` (the command) the large fused weights are not copied into the
+    returned model, which holds stubs for them (io.add_pending); their arrays are the result's
+    `arrays`, and io.save(model, ..., arrays=result.arrays) writes the file the complete model
+    would make.
     """
     stage = progress or (lambda name: None)
     try:
@@ -67,7 +76,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         raise InputError(str(exc)) from None
     stage("load")
     original, folder, data_files = io.load(model)
-    validate.check_model(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model")
+    validate.check_model(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model",
+                         io.raw_lengths(original))
     report = Report(ops_before=op_counts(original.graph))
     if initializers_as_constants:
         report.notes.append("initializers listed as graph inputs were treated as constants (--initializers-as-constants)")
@@ -83,7 +93,11 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     options = FuseOptions(rulebook, initializers_as_constants, str(folder) if folder else None,
                           check_blocks=check_blocks, seed=seed, rtol=rtol, atol=atol, allow_larger=allow_larger)
     stage("analyse and fuse")
-    report.blocks, notes = fuse_graph(work, options, write=write)
+    arrays: Dict[str, np.ndarray] = {}
+    report.blocks, notes = fuse_graph(work, options, write=write, arrays=arrays)
+    if not _TO_SAVE.get():
+        io.materialize(work, arrays)
+        arrays = {}
     for block in report.unfused:
         block.risk = None   # figures of weights that were never written
     report.notes.extend(notes)
@@ -98,19 +112,35 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         report.verification = Verification(ran=False, passed=True, message="analysis only")
     else:
         stage("verify")
-        report.verification = _verify(reference, work, fused_blocks, seed, rtol, atol, inputs)
+        report.verification = _verify(reference, work, fused_blocks, seed, rtol, atol, inputs, arrays)
         if report.verification.ran and report.verification.message:
             report.notes.append(report.verification.message)
         if not report.verification.passed:
             raise VerificationError(_failure(report.verification), report)
     report.written = bool(write and fused_blocks)
-    return FuseResult(result_model, report, [str(f) for f in data_files])
+    return FuseResult(result_model, report, [str(f) for f in data_files], arrays if result_model is work else {})
+
+
+_TO_SAVE: ContextVar[bool] = ContextVar("reparam_onnx_to_save", default=False)
+
+
+@contextmanager
+def to_save() -> Iterator[None]:
+    """fuse_with_report within it keeps the large fused weights apart (see fuse_with_report):
+    for a model that is only going to be saved with io.save."""
+    token = _TO_SAVE.set(True)
+    try:
+        yield
+    finally:
+        _TO_SAVE.reset(token)
 
 
 def _verify(reference: Model, fused: onnx.ModelProto, fused_blocks: Sequence[BlockReport], seed: int,
-            rtol: Optional[float], atol: float, inputs: Optional[Dict[str, np.ndarray]]) -> Verification:
+            rtol: Optional[float], atol: float, inputs: Optional[Dict[str, np.ndarray]],
+            arrays: Optional[Dict[str, np.ndarray]] = None) -> Verification:
     """The whole-model comparison, on the graph outputs and every fused block's output.
-    `reference`: the original model, or verify.reference() of it taken before it was edited."""
+    `reference`: the original model, or verify.reference() of it taken before it was edited;
+    `arrays`: those of the fused model's pending stubs."""
     original = reference[0] if isinstance(reference, tuple) else reference   # its graph, all that is read here
     shapes = static_shapes(original)
     huge = too_large(shapes)
@@ -131,7 +161,8 @@ def _verify(reference: Model, fused: onnx.ModelProto, fused_blocks: Sequence[Blo
             runs = [random_inputs(original, seed, size) for size in sizes]
         except ValueError as exc:
             return Verification(ran=False, passed=False, message=str(exc))
-    result = compare(reference, fused, compared, types, runs=runs, seed=seed, rtol=rtol, atol=atol,
+    result = compare(reference, (fused, arrays) if arrays else fused, compared, types, runs=runs, seed=seed,
+                     rtol=rtol, atol=atol,
                      random=inputs is None)
     if short:
         result.message = "; ".join(filter(None, [result.message, (

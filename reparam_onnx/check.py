@@ -17,7 +17,7 @@ from .verify import check_block, random_array
 
 def check_alone(analyser: Analyser, d: Decision, nodes, new_nodes, new_params, order) -> bool:
     """Run the block and its replacement alone on random inputs; unfuse the block when they differ."""
-    source, output = d.report.input, d.expr.tensor
+    source, output = d.report.input, d.report.output   # (the expression may be let go by now: rewrite.apply)
     nodes = _with_computed_parameters(analyser, nodes, source, order)
     produced = {o for n in nodes for o in n.output}
     params = {i for n in nodes for i in n.input if i and i != source and i not in produced}

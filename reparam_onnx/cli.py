@@ -17,7 +17,7 @@ import click
 
 from . import __version__, batch, io, risk
 from .progress import Progress
-from .api import fuse_with_report
+from .api import fuse_with_report, to_save
 from .errors import InputError, ReparamError, VerificationError
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT, EXIT_VERIFY, EXIT_BUG = 0, 1, 2, 3, 4
@@ -189,11 +189,12 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
             raise InputError(f"output path '{output}' is a directory")
         if output and not Path(output).parent.is_dir() and str(Path(output).parent):
             raise InputError(f"output folder '{Path(output).parent}' does not exist")
-        result = fuse_with_report(model, verify=not no_verify, rules=rule_dirs, seed=seed, rtol=rtol, atol=atol,
-                                  inputs=_load_inputs(inputs_path),
-                                  initializers_as_constants=initializers_as_constants,
-                                  check_blocks=not no_block_checks, allow_larger=allow_larger,
-                                  disable_rules=disabled_rules, progress=bar.stage)
+        with to_save():   # the model is only saved: large fused weights stay apart (result.arrays)
+            result = fuse_with_report(model, verify=not no_verify, rules=rule_dirs, seed=seed, rtol=rtol, atol=atol,
+                                      inputs=_load_inputs(inputs_path),
+                                      initializers_as_constants=initializers_as_constants,
+                                      check_blocks=not no_block_checks, allow_larger=allow_larger,
+                                      disable_rules=disabled_rules, progress=bar.stage)
         report = result.report
         if check:
             remaining = [b for b in report.blocks if b.fusable]
@@ -204,7 +205,8 @@ def run_one(*, model, output, in_place, check, no_verify, no_block_checks, allow
             bar.stage("save", unit=" MB", scale=1 << 20)
             kept = io.save(result.model, output, external=result.external_data,
                            protect=_protected(reads, in_place),
-                           replaces=result.data_files if in_place else (), progress=_counter(bar))
+                           replaces=result.data_files if in_place else (), progress=_counter(bar),
+                           arrays=result.arrays)
         bar.close()
         if not quiet:
             say(report.to_text(verbose=verbose, dry_run=check), asked)

@@ -115,6 +115,11 @@ class GraphIndex:
                 stack.extend(i for i in node.input if i)
         return False
 
+    def know(self, name: str, value: np.ndarray) -> None:
+        """The value of a tensor whose initializer holds no data of its own (a fused weight
+        kept apart until the save)."""
+        self._values[name] = value
+
     def forget(self, names) -> None:
         """Drop the cached values of these tensors (their arrays are freed when no one else holds them)."""
         for name in names:

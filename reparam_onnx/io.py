@@ -8,7 +8,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -50,13 +50,33 @@ def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Opt
     if path.stat().st_size == 0:
         raise InputError(f"'{path}' is empty")
     try:
-        model = _parse(path, take=True)
+        model, lengths = _parse_with_lengths(path, take=True)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"'{path}' is not an ONNX model ({_first_line(exc) or type(exc).__name__})") from None
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (no graph)")
-    files = _load_external(model, path.parent) if _has_external(model) else []
+    external: Dict[int, int] = {}
+    files = _load_external(model, path.parent, external) if _has_external(model) else []
+    if lengths is not None and len(lengths) == len(model.graph.initializer):
+        _loaded.clear()
+        _loaded[id(model)] = (model, [external.get(i, n) for i, n in enumerate(lengths)])
     return model, path.parent, files
+
+
+# What _read_model's scan learnt of the initializers' raw_data lengths, until _parse takes it;
+# and load()'s, until raw_lengths() hands it over (one model each, held until then).
+_scanned: Dict[int, Tuple[onnx.ModelProto, Optional[List[Optional[int]]]]] = {}
+_loaded: Dict[int, Tuple[onnx.ModelProto, List[Optional[int]]]] = {}
+
+
+def raw_lengths(model: onnx.ModelProto) -> Optional[List[Optional[int]]]:
+    """For the model load() just returned: the length of each initializer's raw_data (None: no
+    raw_data), as read from the file's wire format and the external data entries, without
+    copying the data out of the model (validate.check_model compares them with the dims);
+    None when not known."""
+    entry = _loaded.pop(id(model), None)
+    _loaded.clear()
+    return entry[1] if entry is not None and entry[0] is model else None
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
@@ -87,11 +107,14 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
                 yield sparse.indices
 
 
-def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
+def _load_external(model: onnx.ModelProto, folder: Path, lengths: Optional[Dict[int, int]] = None) -> List[Path]:
+    """Load the external data into the model; `lengths` gets the length read of each initializer
+    (by its index) that had its data outside."""
     from onnx.external_data_helper import load_external_data_for_tensor
     root = folder.resolve()
     files = []
-    for tensor in _all_tensors(model.graph):
+    count = len(model.graph.initializer)   # _all_tensors yields the initializers first, in order
+    for position, tensor in enumerate(_all_tensors(model.graph)):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location, offset, length = _external_entry(tensor)
@@ -110,11 +133,14 @@ def _load_external(model: onnx.ModelProto, folder: Path) -> List[Path]:
         if full.stat().st_nlink > 1:
             raise InputError(f"external data '{location}' is hard-linked; external data must be a regular file "
                              f"inside the model's folder: copy the file next to the model")
-        _check_bounds(tensor, location, offset, length, full.stat().st_size)
+        size = full.stat().st_size
+        _check_bounds(tensor, location, offset, length, size)
         try:
             load_external_data_for_tensor(tensor, str(folder))
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read external data '{location}': {_first_line(exc)}") from None
+        if lengths is not None and position < count:   # what onnx read: `length` bytes, or to the end
+            lengths[position] = length if length is not None else size - offset
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
         if full.resolve() not in files:
@@ -153,7 +179,7 @@ def _check_bounds(tensor: onnx.TensorProto, location: str, offset: int, length: 
         raise InputError(f"external data of '{tensor.name}': {what} is past the end of '{location}' ({size} bytes)")
 
 
-_parsed: Dict[tuple, onnx.ModelProto] = {}
+_parsed: Dict[tuple, Tuple[onnx.ModelProto, Optional[List[Optional[int]]]]] = {}
 
 
 def _parse(path: Path, keep: bool = False, take: bool = False) -> onnx.ModelProto:
@@ -162,15 +188,24 @@ def _parse(path: Path, keep: bool = False, take: bool = False) -> onnx.ModelProt
     (device, inode, size, mtime), so a large model is parsed once; load() takes it (take=True:
     it edits the model). Parsing another file (the output it replaces, other models in its
     folder) leaves it kept."""
+    return _parse_with_lengths(path, keep, take)[0]
+
+
+def _parse_with_lengths(path: Path, keep: bool = False,
+                        take: bool = False) -> Tuple[onnx.ModelProto, Optional[List[Optional[int]]]]:
+    """_parse, and the raw_data lengths its parse read (see _scan_raw_lengths; None: not known)."""
     info = path.stat()
     key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-    model = _parsed.pop(key, None) if take else _parsed.get(key)
-    if model is None:
+    entry = _parsed.pop(key, None) if take else _parsed.get(key)
+    if entry is None:
         model = _read_model(path)
+        scanned = _scanned.pop(id(model), None)
+        _scanned.clear()
+        entry = (model, scanned[1] if scanned is not None and scanned[0] is model else None)
         if keep:
             _parsed.clear()
-            _parsed[key] = model
-    return model
+            _parsed[key] = entry
+    return entry
 
 
 def _read_model(path: Path) -> onnx.ModelProto:
@@ -188,11 +223,89 @@ def _read_model(path: Path) -> onnx.ModelProto:
                 model = onnx.ModelProto()
                 decoded = model.ParseFromString(data)
                 size = len(data)
+                if decoded is None or decoded == size:
+                    lengths = _scan_raw_lengths(view)
     except (OSError, ValueError):   # not mappable (empty, a device): as onnx.load would read it
         return onnx.load(str(path), load_external_data=False)
     if decoded is not None and decoded != size:   # as onnx's protobuf deserializer checks
         raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {size}")
+    _scanned.clear()   # one parse's at a time: _parse takes it at once
+    _scanned[id(model)] = (model, lengths)
     return model
+
+
+class _Unusual(Exception):
+    """The wire format is not laid out plainly enough to read lengths from it."""
+
+
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _scan_raw_lengths(buf) -> Optional[List[Optional[int]]]:
+    """The length of each graph initializer's raw_data (None: it has none), in order, read from
+    the serialized model's record headers (the data is skipped, not read); None unless the model
+    has one graph record, each initializer is a length-delimited record, and every raw_data is
+    length-delimited (a repeated one: the last, as protobuf keeps it)."""
+    try:
+        graphs = [(start, end) for number, wire, start, end in _records(buf, 0, len(buf)) if number == _GRAPH]
+        if len(graphs) != 1 or graphs[0][0] is None:
+            return None
+        lengths: List[Optional[int]] = []
+        for number, wire, start, end in _records(buf, *graphs[0]):
+            if number != _INITIALIZER:
+                continue
+            if start is None:
+                return None
+            raw = None
+            for field, _, data_start, data_end in _records(buf, start, end):
+                if field == _RAW_DATA:
+                    if data_start is None:
+                        return None
+                    raw = data_end - data_start
+            lengths.append(raw)
+        return lengths
+    except _Unusual:
+        return None
+
+
+def _records(buf, pos: int, end: int):
+    """(field number, wire type, start, end) of each record in buf[pos:end]; start and end of
+    the value of a length-delimited one, None for the others. _Unusual on groups and overruns."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        start = stop = None
+        if wire == 0:
+            _, pos = _read_varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos, end)
+            start, stop = pos, pos + length
+            pos = stop
+        else:
+            raise _Unusual(f"wire type {wire}")
+        if pos > end:
+            raise _Unusual("a record runs past its message")
+        yield number, wire, start, stop
+    if pos != end:
+        raise _Unusual("a record runs past its message")
+
+
+def _read_varint(buf, pos: int, end: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Unusual("a varint runs past its message")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
 
 def external_locations(path: PathLike, keep: bool = False) -> Optional[List[Path]]:
@@ -263,7 +376,8 @@ def refuse_clash(what: str, path: PathLike, files: Files) -> None:
 
 def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
          protect: Iterable[PathLike] = (), replaces: Iterable[PathLike] = (),
-         progress: Optional[Callable[[int, int], None]] = None) -> List[Tuple[Path, str]]:
+         progress: Optional[Callable[[int, int], None]] = None,
+         arrays: Optional[Mapping[str, Any]] = None) -> List[Tuple[Path, str]]:
     """Write atomically: temporary files in the destination folder, fsync, rename; data file first.
 
     With external=True (or when the model would exceed 2 GiB) tensors of 1 KiB and more go
@@ -277,6 +391,8 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     A replaced file keeps its mode (a new data file takes that of the first file in
     `replaces`); a new file gets 0666 & ~umask, as open() would give it.
     `progress(done, total)` is told the bytes written so far (model file, or data file then model file).
+    `arrays` holds the data of the model's pending stubs (see add_pending): each is written
+    as the tensor it stands for (the file is that of the model with materialize(model, arrays)).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -287,7 +403,8 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
     protect, replaces = list(protect), list(replaces)
     if any(same_file(path, p) for p in protect):
         raise InputError(f"writing '{path}' would overwrite the input model; choose another output name")
-    parts = None if external else serialized_parts(model)
+    arrays = arrays or {}
+    parts = None if external else serialized_parts(model, arrays)
     external = external or parts_size(parts) >= TWO_GIB
     data_path = None
     count = _Count(progress)
@@ -295,11 +412,11 @@ def save(model: onnx.ModelProto, path: PathLike, external: bool = False,
         parts = None   # the inline serialization is not used: let its pieces go
         data_path = _data_path(path, protect)
         like = None if data_path.exists() else next(iter(replaces), None)
-        count.total = sum(map(_raw_size, _externalized(model)))
-        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name, count), like=like)
-        parts = serialized_parts(model)
+        count.total = sum(map(_raw_size, _externalized(model, arrays)))
+        write_atomic(data_path, lambda f: _externalize(model, f, data_path.name, count, arrays), like=like)
+        parts = serialized_parts(model, arrays)
     count.total += parts_size(parts)
-    write_atomic(path, lambda f: write_parts(model, parts, f, count))
+    write_atomic(path, lambda f: write_parts(model, parts, f, count, arrays))
     kept = []
     for old in map(Path, replaces):
         if data_path is not None and same_file(old, data_path):
@@ -370,9 +487,10 @@ def _folders_up(start: Path, top: Path) -> List[Path]:
     return folders if top in folders else folders + [top]
 
 
-def _externalized(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
-    """The initializers _externalize moves to the data file."""
-    return (t for t in model.graph.initializer if t.HasField("raw_data") and _raw_size(t) >= EXTERNAL_THRESHOLD)
+def _externalized(model: onnx.ModelProto, arrays: Mapping[str, Any]) -> Iterable[onnx.TensorProto]:
+    """The initializers _externalize moves to the data file (pending stubs as their tensors)."""
+    return (t for t in model.graph.initializer
+            if (t.HasField("raw_data") or pending(t, arrays)) and _raw_size(t) >= EXTERNAL_THRESHOLD)
 
 
 def _raw_size(tensor: onnx.TensorProto) -> int:
@@ -381,13 +499,13 @@ def _raw_size(tensor: onnx.TensorProto) -> int:
     return len(tensor.raw_data) if length is None else length
 
 
-def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count") -> None:
+def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count", arrays: Mapping[str, Any]) -> None:
     offset = 0
-    for tensor in _externalized(model):
+    for tensor in _externalized(model, arrays):
         pad = (-offset) % 4096
         handle.write(b"\0" * pad)
         offset += pad
-        data = tensor.raw_data
+        data = _array_bytes(arrays[tensor.name]) if pending(tensor, arrays) else tensor.raw_data
         handle.write(data)
         del tensor.external_data[:]
         for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
@@ -398,6 +516,57 @@ def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count")
         offset += len(data)
         count(len(data))
         del data   # one tensor's bytes at a time
+
+
+# ---------------------------------------------------------------- pending stubs
+#
+# A fused weight need not be copied into the model while the model is only going to be saved:
+# the graph holds a stub (name, type, dims, an external location no file has) and the array
+# stays apart, until save() writes its bytes where the tensor's would go or materialize()
+# puts it into the model. The file is the same either way.
+
+PENDING_LOCATION = "\0reparam-onnx-pending"   # no file has this name: a reader unaware of it fails
+
+
+def add_pending(graph: onnx.GraphProto, name: str, array: Any, arrays: Dict[str, Any]) -> None:
+    """A stub initializer standing for `array` (the tensor edit.add_initializer would add);
+    the array goes into `arrays`, made read-only."""
+    import numpy as np
+    array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+    array.flags.writeable = False
+    tensor = graph.initializer.add()
+    tensor.dims.extend(array.shape)
+    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.name = name
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", PENDING_LOCATION
+    arrays[name] = array
+
+
+def pending(tensor: onnx.TensorProto, arrays: Mapping[str, Any]) -> bool:
+    """A stub of add_pending whose array is in `arrays`."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and len(tensor.external_data) == 1 and \
+        tensor.external_data[0].value == PENDING_LOCATION and tensor.name in arrays
+
+
+def materialize(model: onnx.ModelProto, arrays: Mapping[str, Any]) -> None:
+    """Put the arrays of the model's pending stubs into it: each stub becomes the tensor it stands
+    for. A dict of arrays gives each up once it is in the model (the last reference to it goes)."""
+    for tensor in model.graph.initializer:
+        if pending(tensor, arrays):
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            data = bytes(_array_bytes(arrays[tensor.name]))
+            if isinstance(arrays, dict):
+                del arrays[tensor.name]
+            tensor.raw_data = data
+            del data
+
+
+def _array_bytes(array: Any) -> memoryview:
+    """The bytes of a pending array (C order, little-endian, as add_pending keeps it)."""
+    return memoryview(array).cast("B")
 
 
 # ---------------------------------------------------------------- streamed serialization
@@ -414,15 +583,19 @@ STREAM_MIN = 64 << 10   # raw_data of at least this many bytes is streamed; smal
 
 
 class _RawData:
-    """The raw_data record of a tensor: its header now, its bytes when written."""
-    __slots__ = ("tensor", "length", "header")
+    """The raw_data record of a tensor: its header now, its bytes when written (read from the
+    tensor, or from `array` for a pending stub)."""
+    __slots__ = ("tensor", "length", "header", "array")
 
-    def __init__(self, tensor: onnx.TensorProto, length: int):
-        self.tensor, self.length = tensor, length
+    def __init__(self, tensor: onnx.TensorProto, length: int, array: Any = None):
+        self.tensor, self.length, self.array = tensor, length, array
         self.header = _key(_RAW_DATA) + _varint(length)
 
     def __len__(self) -> int:
         return len(self.header) + self.length
+
+    def data(self) -> Union[bytes, memoryview]:
+        return self.tensor.raw_data if self.array is None else _array_bytes(self.array)
 
 
 class _Mismatch(Exception):
@@ -434,9 +607,11 @@ _Handler = Callable[[Any, Any], Optional[List[Part]]]
 _RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 
 
-def serialized_parts(model: onnx.ModelProto) -> List[Part]:
-    """The parts whose concatenation is model.SerializeToString() (see write_parts)."""
-    return _parts(model, {"graph": _submessage(_graph_parts)})
+def serialized_parts(model: onnx.ModelProto, arrays: Optional[Mapping[str, Any]] = None) -> List[Part]:
+    """The parts whose concatenation is model.SerializeToString() (see write_parts); with
+    `arrays`, that of the model materialize(model, arrays) would make."""
+    arrays = arrays or {}
+    return _parts(model, {"graph": _submessage(lambda graph: _graph_parts(graph, arrays))})
 
 
 def parts_size(parts: Optional[List[Part]]) -> int:
@@ -456,16 +631,18 @@ class _Count:
             self.progress(self.done, self.total)
 
 
-def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Optional[_Count] = None) -> None:
-    """Write the parts, each large tensor's bytes read from the model in turn (one at a time
-    in memory); a tensor whose length was mispredicted sends the whole model through
-    SerializeToString instead (the file is rewritten from its start)."""
+def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Optional[_Count] = None,
+                arrays: Optional[Mapping[str, Any]] = None) -> None:
+    """Write the parts, each large tensor's bytes read from the model (or its pending array)
+    in turn (one at a time in memory); a tensor whose length was mispredicted sends the whole
+    model through SerializeToString instead (the file is rewritten from its start; pending
+    stubs are materialized for it)."""
     try:
         for part in parts:
             if isinstance(part, bytes):
                 handle.write(part)
             else:
-                data = part.tensor.raw_data
+                data = part.data()
                 if len(data) != part.length:
                     raise _Mismatch(part.tensor.name)
                 handle.write(part.header)
@@ -476,6 +653,7 @@ def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Option
     except _Mismatch:
         handle.seek(0)
         handle.truncate()
+        materialize(model, arrays or {})
         handle.write(model.SerializeToString())
 
 
@@ -570,9 +748,25 @@ def _each(parts_of, wanted=lambda element: True):
     return handler
 
 
-def _graph_parts(graph: onnx.GraphProto) -> List[Part]:
-    return _parts(graph, {"initializer": _each(_tensor_parts, _large),
+def _graph_parts(graph: onnx.GraphProto, arrays: Mapping[str, Any]) -> List[Part]:
+    def initializer_parts(tensor: onnx.TensorProto) -> List[Part]:
+        return _pending_parts(tensor, arrays[tensor.name]) if pending(tensor, arrays) else _tensor_parts(tensor)
+    return _parts(graph, {"initializer": _each(initializer_parts, lambda t: _large(t) or pending(t, arrays)),
                           "node": _each(_node_parts, _has_large_attribute)})
+
+
+def _pending_parts(stub: onnx.TensorProto, array: Any) -> List[Part]:
+    """The parts of the tensor a pending stub stands for: its fields without the stub's external
+    location, and the array's bytes as its raw_data, in field-number order."""
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(stub)
+    tensor.ClearField("external_data")
+    tensor.ClearField("data_location")
+    before, after = onnx.TensorProto(), onnx.TensorProto()
+    for field, _ in tensor.ListFields():
+        _copy_field(tensor, before if field.number < _RAW_DATA else after, field)
+    raw = _RawData(stub, array.nbytes, array)
+    return [p for p in (before.SerializeToString(), raw, after.SerializeToString()) if len(p)]
 
 
 def _node_parts(node: onnx.NodeProto) -> List[Part]:

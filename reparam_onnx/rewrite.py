@@ -12,11 +12,12 @@ block's last node, so the node order stays topological.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
 
+from . import io
 from .analyse import Analyser, Decision, FuseOptions, as_linear
 from .check import check_alone
 from .edit import add_initializer, default_opset, drop_unvouched_value_info, list_as_inputs, remove_dead, used_names
@@ -32,8 +33,10 @@ MAX_PASSES = 8
 RULE_KEY = "reparam_onnx.rule"   # metadata_props entry of every node a fusion writes: the rule's name
 
 
-def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decision, List[onnx.NodeProto]]]:
-    """Replace every fused block by its Conv; returns each block replaced, with the nodes that replaced it."""
+def apply(analyser: Analyser, decisions: Sequence[Decision],
+          arrays: Optional[Dict[str, np.ndarray]] = None) -> List[Tuple[Decision, List[onnx.NodeProto]]]:
+    """Replace every fused block by its Conv; returns each block replaced, with the nodes that replaced it.
+    With `arrays`, fused weights of io.STREAM_MIN bytes and more go there, pending stubs in the graph."""
     fused = [d for d in decisions if d.report.fused]
     if not fused:
         return []
@@ -52,17 +55,25 @@ def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decis
             entry = node.metadata_props.add()
             entry.key, entry.value = RULE_KEY, d.report.rule or ""
         blocks.append((d, nodes, root, new_nodes, params))
+    # The blocks' original weights (their expressions' terms, the index's cached values;
+    # exclusivity: no one else reads them) go now, before the first check brings onnxruntime in
+    # on top of them and of every fused array: a check reads its block's again from the model.
+    pending = {t.name for t in graph.initializer if io.pending(t, arrays or {})}   # kept apart, freed by nothing
+
+    def let_go(nodes) -> None:
+        analyser.index.forget(i for n in nodes for i in n.input if i not in pending)
+
+    for d, nodes, *_ in blocks:
+        d.expr = None
+        let_go(nodes)
     passed = set()
-    # Each block is checked alone, smallest first: a check's sessions come on top of every fused
-    # array and every original weight not yet let go, and a block that passes lets go of its
-    # original weights (its expression's terms, the index's cached values; exclusivity: no one
-    # else reads them). The checks are independent of one another; the order only sets the peak.
+    # Each block is checked alone, smallest first (a check's sessions come on top of the fused
+    # arrays of the blocks not yet written); the checks are independent of one another.
     for d, nodes, root, new_nodes, params in sorted(blocks, key=lambda b: sum(a.nbytes for a in b[4].values())):
         if analyser.options.check_blocks and not check_alone(analyser, d, nodes, new_nodes, params, order):
             continue
         passed.add(id(d))
-        d.expr = None
-        analyser.index.forget(i for n in nodes for i in n.input)
+        let_go(nodes)
     applied = []
     for d, nodes, root, new_nodes, params in blocks:   # the graph is written in graph order
         if id(d) not in passed:
@@ -71,7 +82,12 @@ def apply(analyser: Analyser, decisions: Sequence[Decision]) -> List[Tuple[Decis
         # each fused array is handed over as its last reference, freed before protobuf copies its bytes
         d.value.kernel = d.value.bias = None
         for name in list(params):
-            add_initializer(graph, name, params.pop(name))
+            array = params.pop(name)
+            if arrays is not None and array.nbytes >= io.STREAM_MIN:
+                io.add_pending(graph, name, array, arrays)
+            else:
+                add_initializer(graph, name, array)
+            del array
         removed.update(id(n) for n in nodes)
         replace[id(root)] = new_nodes
         d.report.nodes = [n.name for n in nodes]
@@ -133,8 +149,14 @@ def _build_linear(d: Decision, node_name: str, w_name: str, b_name: str, names: 
     return nodes, {w_name: np.ascontiguousarray(kernel.T), b_name: bias}
 
 
-def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True) -> Tuple[List[BlockReport], List[str]]:
+def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True,
+               arrays: Optional[Dict[str, np.ndarray]] = None) -> Tuple[List[BlockReport], List[str]]:
     """Fuse in place, pass after pass until nothing changes; returns every block decided, and notes.
+
+    With `arrays` (a dict), the fused weights of io.STREAM_MIN bytes and more are not copied into
+    the model: each is a pending stub there, its array in `arrays` (what io.save writes, or
+    io.materialize puts into the model); every pass reads them from there. On return `arrays`
+    holds the arrays of the stubs left in the graph.
 
     With write=False the model is analysed only (one pass, nothing replaced). The fused
     blocks reported are the fused Convs of the result, one each: a block whose Conv a later
@@ -155,17 +177,22 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True)
         # NaN or inf in weights and statistics is arithmetic, not an error: non-finite fused
         # weights leave their block unfused (Analyser._check_dtype), and numpy prints no warning.
         with np.errstate(all="ignore"):
-            result = _fuse_passes(model, options, write)
+            result = _fuse_passes(model, options, write, arrays)
     finally:
         model.ir_version = ir_version
         if not had_ir_version and not (result and any(r.fused for r in result[0])):
             model.ClearField("ir_version")   # a model nothing was written into is as it was
     if ir_version < 4:
         list_as_inputs(graph, [t for t in graph.initializer if t.name not in initializers_before])
+    if arrays is not None:   # those of stubs a later pass replaced go
+        kept = {t.name for t in graph.initializer if io.pending(t, arrays)}
+        for name in [n for n in arrays if n not in kept]:
+            del arrays[name]
     return result
 
 
-def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> Tuple[List[BlockReport], List[str]]:
+def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool,
+                 arrays: Optional[Dict[str, np.ndarray]]) -> Tuple[List[BlockReport], List[str]]:
     moves = _move_batchnorms(model, options) if write else []
     fused: List[BlockReport] = []
     made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
@@ -175,14 +202,13 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
         # they read (replaced now): let them go before the next pass reads the graph again
         last = applied = analyser = None
         analyser = Analyser(model, options)
+        _give_pending(analyser.index, arrays)
         last = analyser.decisions()
-        # the walker's memo holds every expression walked, and through them every weight read;
-        # the rewrite reads weights through the index alone, which forgets each replaced block's
-        analyser.walker = None
+        analyser.forget_expressions()
         if not write:
             fused.extend(d.report for d in reversed(last) if d.report.fused)   # graph order
             break
-        applied = apply(analyser, last)
+        applied = apply(analyser, last, arrays)
         for d, new_nodes in reversed(applied):
             _take_in_absorbed(d.report, made, fused)
             made.update((n.name, d.report) for n in new_nodes)
@@ -202,7 +228,7 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool) -> T
         notes.append(f"moved {len(moves)} BatchNormalization(s) to the linear ops that read them "
                      f"(through layout ops and fan-out) and folded them there")
     created = {n.name for n in model.graph.node if n.op_type == "Transpose" and n.name in made}
-    pairs = _cancel_transposes(model, options, created) if created else 0
+    pairs = _cancel_transposes(model, options, created, arrays) if created else 0
     if pairs:
         notes.append(f"cancelled {pairs} pair(s) of inverse Transposes around fused blocks")
     if fused:
@@ -253,7 +279,17 @@ def _take_in_absorbed(report: BlockReport, made: Dict[str, BlockReport], fused: 
         report.absorbed = [entry for a in absorbed for entry in [{"rule": a.rule, "output": a.output}] + a.absorbed]
 
 
-def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions, created: Set[str]) -> int:
+def _give_pending(index: GraphIndex, arrays: Optional[Dict[str, np.ndarray]]) -> None:
+    """The index reads the pending stubs' values from `arrays` (read-only arrays, as to_array
+    gives them for a tensor's raw_data): a stub itself has no data."""
+    if arrays:
+        for name, tensor in index.initializers.items():
+            if io.pending(tensor, arrays):
+                index.know(name, arrays[name])
+
+
+def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions, created: Set[str],
+                       arrays: Optional[Dict[str, np.ndarray]] = None) -> int:
     """Cancel inverse Transpose pairs that begin or end at one the fusion created; drop what they
     left unread. Returns how many pairs."""
     graph = model.graph
@@ -261,6 +297,7 @@ def _cancel_transposes(model: onnx.ModelProto, options: FuseOptions, created: Se
     pairs = 0
     for _ in range(MAX_PASSES):
         index = GraphIndex(graph, static_shapes(model), default_opset(model), options.initializers_as_constants)
+        _give_pending(index, arrays)
         done = cancel_transposes(model, index, created)
         pairs += done
         if not done:

@@ -11,7 +11,7 @@ static dims of graph inputs) is compared.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -29,13 +29,18 @@ _FIXED_SIZE = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).itemsize
 _FIXED_SIZE[onnx.TensorProto.BFLOAT16] = 2
 
 
-def check_model(model: onnx.ModelProto, name: str = "the model") -> None:
+def check_model(model: onnx.ModelProto, name: str = "the model",
+                raw_lengths: Optional[Sequence[Optional[int]]] = None) -> None:
+    """`raw_lengths`: the length of each initializer's raw_data, when known without reading it
+    (io.raw_lengths: from the file's record headers); the data is read for those not given."""
     bad = f"{name} is not a valid ONNX model:"
     opset = _default_opset(model, name)
     graph = model.graph
     _check_strings(model, bad)
-    for t in graph.initializer:
-        _check_tensor(t, bad)
+    if raw_lengths is None or len(raw_lengths) != len(graph.initializer):
+        raw_lengths = [None] * len(graph.initializer)
+    for t, length in zip(graph.initializer, raw_lengths):
+        _check_tensor(t, bad, length)
     for info in list(graph.input) + list(graph.output) + list(graph.value_info):
         if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type not in _VALID_TYPES | {0}:
             raise InputError(f"{bad} '{info.name}' has the unknown element type {info.type.tensor_type.elem_type}")
@@ -80,7 +85,7 @@ def _check_strings(model: onnx.ModelProto, bad: str) -> None:
         raise InputError(f"{bad} a name is not valid UTF-8 text")
 
 
-def _check_tensor(t: onnx.TensorProto, bad: str) -> None:
+def _check_tensor(t: onnx.TensorProto, bad: str, raw_length: Optional[int] = None) -> None:
     if t.data_type not in _VALID_TYPES:
         raise InputError(f"{bad} initializer '{t.name}' has the unknown element type {t.data_type}")
     if any(d < 0 for d in t.dims):
@@ -89,7 +94,8 @@ def _check_tensor(t: onnx.TensorProto, bad: str) -> None:
         return
     count = math.prod(int(d) for d in t.dims)
     if t.HasField("raw_data"):
-        have, want = len(t.raw_data), count * _FIXED_SIZE[t.data_type]
+        have = raw_length if raw_length is not None else len(t.raw_data)
+        want = count * _FIXED_SIZE[t.data_type]
     else:
         field = onnx.helper.tensor_dtype_to_field(t.data_type)
         have, want = len(getattr(t, field)), count

@@ -302,7 +302,8 @@ def compare(original: Model, fused: Model, block_outputs: Iterable[str],
     values, and the message says so.
     """
     block_outputs = list(block_outputs)
-    chosen = choices(original[0] if isinstance(original, tuple) else original, fused, types)
+    chosen = choices(original[0] if isinstance(original, tuple) else original,
+                     fused[0] if isinstance(fused, tuple) else fused, types)
     try:   # one session at a time: a large model's two runtime copies never coexist
         reference = _Runner(original, block_outputs + chosen, types)
         refs = [reference(feeds) for feeds in runs]

@@ -18,7 +18,8 @@ from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import FIXTURES, ROOT, SETTINGS, Builder, repvgg_block
-from reparam_onnx import fuse, io
+from reparam_onnx import fuse, fuse_with_report, io
+from reparam_onnx.api import to_save
 
 
 def streamed(model: onnx.ModelProto, predicted: bool = True) -> bytes:
@@ -337,3 +338,88 @@ def test_a_model_file_is_parsed_as_onnx_load_parses_it(tmp_path):
             onnx.load(str(tmp_path / name), load_external_data=False)
         with pytest.raises((DecodeError, RuntimeError, ValueError)):
             io._read_model(tmp_path / name)
+
+
+# ---------------------------------------------------------------- fused weights kept apart (pending stubs)
+
+def _two_blocks_and_a_transpose_pair(channels=64) -> onnx.ModelProto:
+    """Large fused weights (64 KiB and more), a small one, and a second pass (a Conv→BN chain
+    after the block) that reads a fused weight again."""
+    b = Builder(3)
+    x = b.input(["N", channels, 8, 8])
+    y = repvgg_block(b, x, channels, channels)
+    z = b.bn(b.conv(b.node("Relu", [y]), channels, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    return b.model(b.node("Relu", [z]))
+
+
+def fuse_to_save(model, **options):
+    with to_save():
+        return fuse_with_report(model, **options)
+
+
+@pytest.mark.parametrize("channels", [8, 64, 128])
+def test_kept_apart_is_the_model_it_stands_for(tmp_path, channels):
+    """fuse_with_report within to_save(): stubs in the model, and io.save writes the file of the
+    complete model (inline, external, and past the size limit), which materialize() makes."""
+    model = _two_blocks_and_a_transpose_pair(channels)
+    whole = fuse_with_report(model, verify=False).model
+    expected = whole.SerializeToString()   # (an external save moves the data out of `whole`)
+    apart = fuse_to_save(model, verify=False)
+    assert (len(apart.arrays) > 0) is (channels >= 64)
+    assert all(io.pending(t, apart.arrays) for t in apart.model.graph.initializer if t.name in apart.arrays)
+    io.save(apart.model, tmp_path / "apart.onnx", arrays=apart.arrays)
+    assert (tmp_path / "apart.onnx").read_bytes() == expected
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "apart").mkdir()
+    io.save(whole, tmp_path / "whole" / "m.onnx", external=True)
+    io.save(apart.model, tmp_path / "apart" / "m.onnx", external=True, arrays=apart.arrays)
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "apart" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    again = fuse_to_save(model, verify=False)
+    io.materialize(again.model, again.arrays)
+    assert again.model.SerializeToString() == expected
+
+
+def test_kept_apart_through_the_mismatch_fallback(tmp_path, monkeypatch):
+    """write_parts' whole-model fallback writes the complete model, stubs materialized."""
+    model = _two_blocks_and_a_transpose_pair()
+    whole = fuse_with_report(model, verify=False).model
+    apart = fuse_to_save(model, verify=False)
+    parts = io.serialized_parts(apart.model, apart.arrays)
+    first = next(p for p in parts if not isinstance(p, bytes))
+    first.length += 1   # a mispredicted length
+    with open(tmp_path / "f.onnx", "wb") as handle:
+        io.write_parts(apart.model, parts, handle, arrays=apart.arrays)
+    assert (tmp_path / "f.onnx").read_bytes() == whole.SerializeToString()
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_the_command_writes_the_model_the_library_returns(tmp_path, verify):
+    """The command keeps large fused weights apart and verifies the model with them; its file is
+    the library's fused model, byte for byte."""
+    from conftest import invoke
+    model = _two_blocks_and_a_transpose_pair()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    args = [tmp_path / "m.onnx", "-o", tmp_path / "f.onnx", "-q"] + ([] if verify else ["--no-verify"])
+    assert invoke(args) == 0
+    expected = fuse_with_report(str(tmp_path / "m.onnx"), verify=verify).model
+    assert (tmp_path / "f.onnx").read_bytes() == expected.SerializeToString()
+
+
+def test_a_later_pass_takes_a_pending_weight_into_a_larger_block(tmp_path):
+    """RepVGG then a per-channel Mul, the generic rule off: the sum fuses in the first pass (its
+    weight kept apart), the next pass folds the Mul into that Conv, reading the pending weight;
+    the replaced stub's array goes, and the file is the library's model."""
+    channels = 64
+    b = Builder(2)
+    x = b.input(["N", channels, 8, 8])
+    scale = b.const(np.random.default_rng(0).uniform(.5, 2, (1, channels, 1, 1)))
+    model = b.model(b.node("Relu", [b.node("Mul", [repvgg_block(b, x, channels, channels), scale])]))
+    whole = fuse_with_report(model, disable_rules=["generic"])
+    apart = fuse_to_save(model, disable_rules=["generic"])
+    assert [r.absorbed for r in apart.report.fused] == [r.absorbed for r in whole.report.fused] != [[]]
+    assert apart.report.verification.passed and apart.report.verification.ran
+    stubs = [t.name for t in apart.model.graph.initializer if io.pending(t, apart.arrays)]
+    assert stubs == list(apart.arrays) and len(stubs) == 1
+    io.save(apart.model, tmp_path / "f.onnx", arrays=apart.arrays)
+    assert (tmp_path / "f.onnx").read_bytes() == whole.model.SerializeToString()

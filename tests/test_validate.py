@@ -211,3 +211,50 @@ def test_shape_mutants_refused_only_when_invalid_and_never_crash(mutation):
         event("fused or left")
     except (InputError, VerificationError) as exc:
         event(type(exc).__name__)
+
+
+# ---------------------------------------------------------------- raw_data lengths read from the file
+
+def _lengths_of(model: onnx.ModelProto):
+    return [len(t.raw_data) if t.HasField("raw_data") else None for t in model.graph.initializer]
+
+
+def test_raw_lengths_from_the_file_are_those_of_the_parsed_model(tmp_path):
+    """io.load learns each initializer's raw_data length from the file's record headers (and the
+    external data entries); they are the parsed model's, or unknown, never other ones."""
+    from reparam_onnx import io
+    model = repvgg()
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    onnx.save_model(repvgg(), str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.onnx.data",
+                    size_threshold=0)
+    raw = model.SerializeToString()
+    # the first initializer's record with a second raw_data record in it (protobuf keeps the last),
+    # written last in the graph, the graph written last in the model
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    first = rest.graph.initializer[0].SerializeToString()
+    del rest.graph.initializer[0]
+    tensor = first + io._varint(io._RAW_DATA << 3 | 2) + io._varint(3) + b"abc"
+    graph = rest.graph.SerializeToString() + io._varint(5 << 3 | 2) + io._varint(len(tensor)) + tensor
+    rest.ClearField("graph")
+    (tmp_path / "doubled.onnx").write_bytes(rest.SerializeToString() + io._varint(7 << 3 | 2) +
+                                            io._varint(len(graph)) + graph)
+    (tmp_path / "two_graphs.onnx").write_bytes(raw + io._varint(7 << 3 | 2) + io._varint(0))
+    for name in ("plain.onnx", "ext.onnx", "doubled.onnx", "two_graphs.onnx"):
+        loaded = io.load(tmp_path / name)[0]
+        lengths = io.raw_lengths(loaded)
+        expected = _lengths_of(loaded)
+        assert lengths is None if name == "two_graphs.onnx" else lengths == expected, name
+        assert io.raw_lengths(loaded) is None   # handed over once
+    assert _lengths_of(io.load(tmp_path / "doubled.onnx")[0])[-1] == 3
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_raw_data_shorter_than_its_dims_is_refused_from_a_file(tmp_path, external):
+    model = repvgg()
+    tensor = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    tensor.raw_data = tensor.raw_data[:-4]
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=external, location="m.onnx.data", size_threshold=0)
+    with pytest.raises(InputError, match="holds .* values or bytes"):
+        fuse_with_report(str(path), verify=False)
