@@ -7,7 +7,7 @@ Nothing here edits the graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -28,6 +28,9 @@ MAX_CHANNELS = 1 << 20
 
 @dataclass
 class Decision:
+    """What the analysis decided about one block, made whole by Analyser._decision and not
+    changed by it afterwards. The rewrite records the block check in `report` and lets go of
+    `expr` and the value's arrays once the block is written (they hold its weights)."""
     report: BlockReport
     expr: Expr                       # the part of the graph the decision is about
     value: Optional[ConvMap] = None  # the fused conv, when fused
@@ -162,9 +165,7 @@ class Analyser:
             if failure is None and not as_linear(value, ctx, expr):
                 failure = NotExact("a Flatten/Reshape inside a block that is not one Gemm or MatMul", code="shape")
         if isinstance(failure, TooCostly):
-            decision = self._decision(expr, source, None, failure, block_shape(expr, ctx))
-            decision.exact = True
-            return decision
+            return self._decision(expr, source, None, failure, block_shape(expr, ctx), exact=True)
         if failure is None:
             shape = block_shape(expr, ctx)
             rule = first_accepting(self.rules, shape)
@@ -174,13 +175,11 @@ class Analyser:
                     decision = self.decide(inner)
                     if decision is not None and decision.report.fused:
                         return decision
-                decision = self._decision(expr, source, None,
-                                          NotExact(f"no enabled rule accepts {shape.describe()}", code="no_rule"), shape)
-                decision.exact = True
-                return decision
-            decision = self._decision(expr, source, rule.name, None, shape, value)
-            decision.ctx = ctx
-            return self._check_dtype(decision)
+                return self._decision(expr, source, None,
+                                      NotExact(f"no enabled rule accepts {shape.describe()}", code="no_rule"), shape,
+                                      exact=True)
+            value, dtype, risk, failure = self._in_dtype(expr, source, value)
+            return self._decision(expr, source, rule.name, failure, shape, value, ctx=ctx, dtype=dtype, risk=risk)
         shape = block_shape(expr, ctx) if ctx is not None else None
         return self._decision(expr, source, None, failure, shape)
 
@@ -273,39 +272,38 @@ class Analyser:
             stack.extend(self.index.producer[i] for i in reads([node]) if i != source and i in self.index.producer)
         return dying
 
-    def _decision(self, expr, source, rule, failure: Optional[NotExact], shape, value=None) -> Decision:
-        nodes = block_nodes(expr, source) if failure is None else _top_nodes(expr) or block_nodes(expr, source)
+    def _decision(self, expr, source, rule, failure: Optional[NotExact], shape, value=None, ctx=None, dtype=None,
+                  risk=None, exact=False) -> Decision:
+        """The decision, whole: nothing changes it afterwards (the rewrite records its block
+        check in the report, and lets the arrays go once written)."""
+        evaluated = failure is None or value is not None   # (an exact block whose weights do not fit its dtype)
+        nodes = block_nodes(expr, source) if evaluated else _top_nodes(expr) or block_nodes(expr, source)
         kernel = list(value.geometry.kernel) if value is not None else None
         report = BlockReport(output=expr.tensor, input=source, fused=failure is None and rule is not None, rule=rule,
                              reason=str(failure) if failure else None, nodes=[n.name for n in nodes],
                              code=failure.code if failure else None,
                              reason_nodes=[n for n in failure.nodes if n] if failure else [],
-                             shape=shape.describe() if shape is not None else "", kernel=kernel)
-        return Decision(report, expr, value)
+                             shape=shape.describe() if shape is not None else "", kernel=kernel, risk=risk)
+        return Decision(report, expr, value if failure is None else None, dtype, ctx, exact)
 
-    def _check_dtype(self, decision: Decision) -> Decision:
-        """Fused weights take the dtype of the block's conv weights; they must fit in it."""
-        convs = [e for e in block_exprs(decision.expr, decision.report.input) if isinstance(e, Conv)]
+    def _in_dtype(self, expr: Expr, source: str, value: ConvMap):
+        """(the fused conv in the dtype of the block's conv weights, that dtype, the numeric risk
+        of the exact float64 weights, None), or a failure when they do not fit in it."""
+        convs = [e for e in block_exprs(expr, source) if isinstance(e, Conv)]
         dtypes = {np.dtype(c.weight.dtype) for c in convs}
-        reason = None
         if len(dtypes) != 1 or next(iter(dtypes)) not in (np.float32, np.float16, np.float64):
-            reason = f"conv weights have dtype(s) {sorted(d.name for d in dtypes)}; one of float16/32/64 is needed"
-        else:
-            dtype = dtypes.pop()
-            value = decision.value
-            # cast once, now (the float64 kernels of every block need not wait for the rewrite); a
-            # weight beyond the dtype's range becomes ±inf, a NaN stays NaN: one pass finds both
-            kernel, bias = value.kernel.astype(dtype), value.bias.astype(dtype)
-            if not (np.isfinite(kernel).all() and np.isfinite(bias).all()):
-                reason = "a parameter of the block is NaN" if np.isnan(value.kernel).any() or \
-                    np.isnan(value.bias).any() else f"fused weights exceed the {dtype.name} range"
-            else:
-                decision.report.risk = numeric_risk(value.kernel, value.bias)   # of the exact float64 weights
-                value.kernel, value.bias = kernel, bias
-            decision.dtype = dtype.type
-        if reason:
-            decision.report.fused, decision.report.reason, decision.report.code = False, reason, "dtype"
-        return decision
+            return value, None, None, NotExact(f"conv weights have dtype(s) {sorted(d.name for d in dtypes)}; "
+                                               f"one of float16/32/64 is needed", code="dtype")
+        dtype = dtypes.pop()
+        # cast once, now (the float64 kernels of every block need not wait for the rewrite); a
+        # weight beyond the dtype's range becomes ±inf, a NaN stays NaN: one pass finds both
+        kernel, bias = value.kernel.astype(dtype), value.bias.astype(dtype)
+        if not (np.isfinite(kernel).all() and np.isfinite(bias).all()):
+            reason = "a parameter of the block is NaN" if np.isnan(value.kernel).any() or \
+                np.isnan(value.bias).any() else f"fused weights exceed the {dtype.name} range"
+            return value, dtype.type, None, NotExact(reason, code="dtype")
+        risk = numeric_risk(value.kernel, value.bias)
+        return replace(value, kernel=kernel, bias=bias), dtype.type, risk, None
 
 
 def _emitted(d: Decision) -> int:

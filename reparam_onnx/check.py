@@ -6,6 +6,7 @@ from its input are computed in the check too.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -15,8 +16,15 @@ from .linear import Context
 from .verify import check_block, random_array
 
 
-def check_alone(analyser: Analyser, d: Decision, nodes, new_nodes, new_params, order) -> bool:
-    """Run the block and its replacement alone on random inputs; unfuse the block when they differ."""
+@dataclass
+class Verdict:
+    """A block run alone against its replacement: `reason` says why it fails (None: it passed)."""
+    reason: Optional[str] = None
+    worst: Optional[float] = None
+
+
+def check_alone(analyser: Analyser, d: Decision, nodes, new_nodes, new_params, order) -> Verdict:
+    """Run the block and its replacement alone on random inputs."""
     source, output = d.report.input, d.report.output   # (the expression may be let go by now: rewrite.apply)
     nodes = _with_computed_parameters(analyser, nodes, source, order)
     produced = {o for n in nodes for o in n.output}
@@ -24,24 +32,20 @@ def check_alone(analyser: Analyser, d: Decision, nodes, new_nodes, new_params, o
     try:
         values = {name: np.asarray(analyser.index.value(name)) for name in params}
     except Exception as exc:  # a parameter that folded before must fold again; say so if not
-        d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
-        return False
+        return Verdict(f"isolated check could not run: {exc}")
     dtype = analyser.shapes.get(source, (None, None))[1] or d.dtype
     try:
         runs = check_inputs(d.ctx, d.value.geometry, analyser.shapes.get(source, (None, None))[0], dtype,
                             analyser.options.seed)
     except ValueError as exc:
-        d.report.fused, d.report.reason, d.report.code = False, f"isolated check could not run: {exc}", "check"
-        return False
+        return Verdict(f"isolated check could not run: {exc}")
     result = check_block(source, dtype, output, (nodes, values), (new_nodes, new_params), analyser.model, runs,
                          analyser.options.seed, analyser.options.rtol, analyser.options.atol)
-    d.report.check = result.worst
-    if not result.passed:
-        d.report.fused, d.report.code = False, "check"
-        d.report.reason = (f"the block run alone differs from its fused conv: max|Δ|/max|ref| = "
-                           f"{result.worst:.2e} > rtol {result.tolerance['rtol']:.0e}"
-                           if result.ran else f"isolated check could not run: {result.message}")
-    return result.passed
+    if result.passed:
+        return Verdict(worst=result.worst)
+    return Verdict(f"the block run alone differs from its fused conv: max|Δ|/max|ref| = "
+                   f"{result.worst:.2e} > rtol {result.tolerance['rtol']:.0e}"
+                   if result.ran else f"isolated check could not run: {result.message}", result.worst)
 
 
 def check_sizes(spatial: Optional[Sequence[Optional[int]]], geometry) -> List[tuple]:

@@ -70,8 +70,12 @@ def apply(analyser: Analyser, decisions: Sequence[Decision],
     # Each block is checked alone, smallest first (a check's sessions come on top of the fused
     # arrays of the blocks not yet written); the checks are independent of one another.
     for d, nodes, root, new_nodes, params in sorted(blocks, key=lambda b: sum(a.nbytes for a in b[4].values())):
-        if analyser.options.check_blocks and not check_alone(analyser, d, nodes, new_nodes, params, order):
-            continue
+        if analyser.options.check_blocks:
+            verdict = check_alone(analyser, d, nodes, new_nodes, params, order)
+            d.report.check = verdict.worst
+            if verdict.reason is not None:   # the report says so; the graph keeps the block
+                d.report.fused, d.report.reason, d.report.code = False, verdict.reason, "check"
+                continue
         passed.add(id(d))
         let_go(nodes)
     applied = []
@@ -175,7 +179,7 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True,
     result = None
     try:
         # NaN or inf in weights and statistics is arithmetic, not an error: non-finite fused
-        # weights leave their block unfused (Analyser._check_dtype), and numpy prints no warning.
+        # weights leave their block unfused (Analyser._in_dtype), and numpy prints no warning.
         with np.errstate(all="ignore"):
             result = _fuse_passes(model, options, write, arrays)
     finally:
