@@ -23,7 +23,7 @@ from .check import check_alone
 from .edit import add_initializer, default_opset, drop_unvouched_value_info, list_as_inputs, remove_dead, used_names
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .sink import Move, depends_on, sink_batchnorms, undo
+from .sink import Move, depends_on, may_move, sink_batchnorms, undo
 from .linear import inverse
 from .report import BlockReport
 from .shapes import static_shapes
@@ -246,8 +246,9 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool,
 def _move_batchnorms(model: onnx.ModelProto, options: FuseOptions) -> List[Move]:
     """BNs moved to the linear ops that read them (sink.py), kept only where a block that fuses
     takes in every copy: elsewhere the BN goes back, and the graph is as it was."""
-    analyser = Analyser(model, options)
-    index = analyser.index
+    if not may_move(model.graph):
+        return []
+    index = Analyser(model, options).index
     moves = sink_batchnorms(model, lambda: GraphIndex(model.graph, index.shapes, index.opset,
                                                       index.initializers_are_constant, index.external_base))
     if not moves:

@@ -41,6 +41,20 @@ class Move:
 MAX_ROUNDS = 4   # a BN moved in one round can let another (above it) move in the next
 
 
+_MOVING = {"Transpose", "Reshape", "Flatten", "AveragePool"}
+
+
+def may_move(graph: onnx.GraphProto) -> bool:
+    """Some BN is read by a moving op or by several nodes: worth indexing the graph for (cheap)."""
+    bns = {n.output[0] for n in graph.node if n.op_type == "BatchNormalization" and n.output}
+    readers: dict = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in bns:
+                readers.setdefault(name, []).append(node.op_type)
+    return any(len(ops) > 1 or ops[0] in _MOVING for ops in readers.values())
+
+
 def sink_batchnorms(model: onnx.ModelProto, make_index: Callable[[], GraphIndex]) -> List[Move]:
     """Move every BN that has layout ops or several readers between it and the linear ops
     that read it (a BN straight before one linear op folds as it is). A copy another move
