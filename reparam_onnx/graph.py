@@ -14,7 +14,7 @@ _SHAPE_ONLY_INPUTS = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
 # Ops whose output shape depends on these inputs' shapes, never on their values.
 _SHAPE_FOLLOWS = {"Slice": (0,), "Pad": (0,), "Expand": (0,), "Transpose": (0,), "Cast": (0,), "Identity": (0,),
                   "Unsqueeze": (0,), "Squeeze": (0,), "Add": (0, 1), "Sub": (0, 1), "Mul": (0, 1), "Div": (0, 1),
-                  "Concat": "all"}
+                  "Concat": range(1 << 20)}   # every input
 # Folding these would replace quantized weights by float ones and change the model's precision.
 _QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Ops whose output is not a function of their inputs: evaluating them once would freeze one draw.
@@ -78,7 +78,7 @@ class GraphIndex:
             outputs = [o for o in node.output if o]
             follows = bool(outputs) and all(o not in self.outputs and self.consumers.get(o)
                                             and shape_reads[o] == len(self.consumers[o]) for o in outputs)
-            for name in set(node.input):
+            for name in node.input:   # once per position, as `consumers` counts them
                 if name and shape_only_reader(node, name, follows):
                     self.shape_readers[name].append(node)
                     shape_reads[name] += 1
@@ -231,8 +231,7 @@ def shape_only_reader(node: onnx.NodeProto, name: str, outputs_shape_only: bool 
         return False
     positions = [pos for pos, inp in enumerate(node.input) if inp == name]
     follows = _SHAPE_FOLLOWS.get(node.op_type, ()) if outputs_shape_only else ()
-    return all(pos in _SHAPE_ONLY_INPUTS.get(node.op_type, ()) or pos in follows or follows == "all"
-               for pos in positions)
+    return all(pos in _SHAPE_ONLY_INPUTS.get(node.op_type, ()) or pos in follows for pos in positions)
 
 
 def unique_name(name: str, used: set) -> str:

@@ -385,3 +385,24 @@ def test_shape_reader_that_outlives_the_block_keeps_it():
     x = b.input([1, 4, 9, 7])
     y = _affine_free_bn(b, b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1), bias=False), 4, True, leak=True)
     assert_untouched(b.model(b.node("Relu", [y])), "is also read by 'shape")
+
+
+@pytest.mark.parametrize("op", ["Concat", "Slice", "Add"])
+def test_a_shape_read_through_another_op_that_outlives_the_block_keeps_it(op):
+    """Shape(Concat(y, y)) (or of a Slice, an Add) read by the graph's output: the op reads y for its
+    shape only, but outlives the block, so y stays; nothing fails on the way (a Concat among such
+    readers once stopped the index with a TypeError, on EfficientViT)."""
+    from conftest import assert_untouched
+    from onnx import numpy_helper
+    b = Builder(seed=39)
+    x = b.input([1, 4, 9, 7])
+    y = b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1))
+    if op == "Concat":
+        other = b.node("Concat", [y, y], axis=1)
+    elif op == "Slice":
+        b.inits += [numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "s0"), (2, "s1"), (1, "s2"))]
+        other = b.node("Slice", [y, "s0", "s1", "s2"])
+    else:
+        other = b.node("Add", [y, y])
+    b.output(b.node("Shape", [other]))
+    assert_untouched(b.model(b.bn(y, 4)), "is also read by")
