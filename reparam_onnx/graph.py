@@ -185,6 +185,9 @@ class GraphIndex:
                 feeds[inp] = self._shape_stand_in(node, inp)
             else:
                 feeds[inp] = self._compute(inp, depth + 1)
+        size = output_size(node, [feeds.get(i) if i else None for i in node.input])
+        if size is not None and size > MAX_FOLD_ELEMENTS:   # refused before anything is allocated
+            raise NotConstant(f"'{name}' is too large to fold ({node.op_type} '{node.name}' makes {size:,} elements)")
         return _run_node(node, feeds, name, self.opset)
 
     def _gather_dims(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
@@ -280,6 +283,55 @@ def reads(nodes) -> set:
 def _check_size(dims, name):
     if math.prod(int(d) for d in dims) > MAX_FOLD_ELEMENTS:   # Python ints: no overflow
         raise NotConstant(f"'{name}' is too large to fold ({list(dims)})")
+
+
+def output_size(node: onnx.NodeProto, values: List[Optional[np.ndarray]]) -> Optional[int]:
+    """The element count of the output of an op that can make more elements than it reads (its
+    inputs' values say how many), from those values alone; None for other ops (their output is
+    no larger than their inputs, which are folded under the limit already) or when unsure."""
+    def v(i):
+        return values[i] if i < len(values) and values[i] is not None else None
+
+    def prod(dims) -> int:
+        return math.prod(max(int(d), 0) for d in dims)   # Python ints: no overflow
+
+    op, x = node.op_type, v(0)
+    try:
+        if op == "Range" and all(v(i) is not None for i in range(3)):
+            start, limit, delta = (float(np.asarray(v(i)).reshape(-1)[0]) for i in range(3))
+            return max(math.ceil((limit - start) / delta), 0) if delta else None
+        if op == "ConstantOfShape" and x is not None:
+            return prod(np.asarray(x).reshape(-1))
+        if op == "Expand" and x is not None and v(1) is not None:
+            shape, target = list(x.shape), [int(d) for d in np.asarray(v(1)).reshape(-1)]
+            rank = max(len(shape), len(target))
+            shape, target = [1] * (rank - len(shape)) + shape, [1] * (rank - len(target)) + target
+            return prod(max(a, b) for a, b in zip(shape, target))
+        if op == "Tile" and x is not None and v(1) is not None:
+            return prod(a * int(r) for a, r in zip(x.shape, np.asarray(v(1)).reshape(-1)))
+        if op == "Pad" and x is not None and v(1) is not None:
+            pads = [int(p) for p in np.asarray(v(1)).reshape(-1)]
+            if len(pads) == 2 * x.ndim:
+                return prod(d + pads[k] + pads[k + x.ndim] for k, d in enumerate(x.shape))
+        if op == "OneHot" and x is not None and v(1) is not None:
+            return x.size * max(int(np.asarray(v(1)).reshape(-1)[0]), 0)
+        if op in ("MatMul", "Gemm") and x is not None and v(1) is not None:
+            a, b = x.shape, v(1).shape
+            batch = np.broadcast_shapes(a[:-2], b[:-2]) if len(a) > 2 or len(b) > 2 else ()
+            return prod(batch) * (a[-2] if len(a) > 1 else 1) * (b[-1] if len(b) > 1 else 1) * (2 if op == "Gemm" else 1)
+        if op == "Einsum":
+            spec = attributes(node).get("equation", b"")
+            spec = (spec.decode() if isinstance(spec, bytes) else spec).replace(" ", "")
+            lhs, _, rhs = spec.partition("->")
+            if "." in spec or not rhs or any(val is None for val in values):
+                return None
+            sizes = {}
+            for term, val in zip(lhs.split(","), values):
+                sizes.update(zip(term, val.shape))
+            return prod(sizes.get(c, 1) for c in rhs)
+    except (ValueError, TypeError, OverflowError, IndexError):
+        return None
+    return None
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

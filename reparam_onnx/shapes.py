@@ -8,6 +8,7 @@ trusted. A dim of -1, 0 or a symbolic name is unknown.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -88,7 +89,35 @@ def _skeleton(model: onnx.ModelProto, constants: Dict[str, np.ndarray]) -> onnx.
             stub = g.initializer.add()
             stub.name, stub.data_type = init.name, init.data_type
             stub.dims.extend(init.dims)
+    _no_large_ranges(g)
     return out
+
+
+MAX_PROPAGATED_RANGE = 1 << 16
+
+
+def _no_large_ranges(g: onnx.GraphProto) -> None:
+    """Data propagation computes a Range's values, however many (a hostile Range(0, 2^40) read by
+    a ScatterND made inference allocate until the process was killed): a Range not proven small
+    from its constant inputs reads value-less inputs instead, and its length is unknown."""
+    known = {t.name: t for t in g.initializer if t.dims == [] or list(t.dims) == [1]}
+    known.update({n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute
+                  and n.attribute[0].name == "value"})
+    for node in g.node:
+        if node.op_type != "Range" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+            continue
+        try:
+            start, limit, delta = (float(numpy_helper.to_array(known[i]).reshape(-1)[0]) for i in node.input)
+            count = math.ceil((limit - start) / delta) if delta else None
+        except (KeyError, ValueError, IndexError, OverflowError):
+            count = None
+        if count is not None and count <= MAX_PROPAGATED_RANGE:
+            continue
+        for k, name in enumerate(node.input):
+            blind = f"{name}#unknown_{node.output[0]}"
+            dtype = known[name].data_type if name in known else onnx.TensorProto.UNDEFINED
+            g.input.append(onnx.helper.make_tensor_value_info(blind, dtype, []))
+            node.input[k] = blind
 
 
 # Inputs whose values (not only shapes) give an op's output shape.

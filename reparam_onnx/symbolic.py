@@ -15,12 +15,13 @@ through ops that keep that axis (never by a dim_param, which a file may declare 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .graph import GraphIndex, attributes
+from .graph import MAX_FOLD_ELEMENTS, GraphIndex, attributes
 
 Dim = Tuple[str, str, int]          # ("dim", tensor, axis): a dynamic dim, ≥ 0
 Size = Union[int, Dim]
@@ -97,6 +98,8 @@ def broadcast_dims(*shapes: Sequence[Size]) -> Optional[Tuple[Size, ...]]:
 def _combine(grids: Sequence[Grid], dims: Tuple[Size, ...]) -> List[Grid]:
     """The grids broadcast to `dims`, every term array materialized at the static shape."""
     shape = tuple(1 if isinstance(d, tuple) else d for d in dims)
+    if math.prod(shape) > MAX_FOLD_ELEMENTS:
+        raise _Unknown()   # not materialized: as the index folds no larger constant
     out = []
     for g in grids:
         g = g._aligned(len(dims))
@@ -133,7 +136,7 @@ class Symbolic:
             self._depth += 1
             try:
                 self._memo[name] = self._value(name)
-            except (_Unknown, ValueError, IndexError, TypeError):
+            except (_Unknown, ValueError, IndexError, TypeError, KeyError, OverflowError, ZeroDivisionError):
                 self._memo[name] = None
             finally:
                 self._depth -= 1
@@ -275,6 +278,8 @@ def _range(s: Symbolic, node):
         return None
     parts = {k: int(a) for k, a in limit.terms.items() if int(a) != 0}
     if set(parts) <= {ONE}:
+        if parts.get(ONE, 0) > MAX_FOLD_ELEMENTS:
+            return None
         return Grid.constant(np.arange(parts.get(ONE, 0), dtype=np.int64))
     if len(parts) == 1 and isinstance(next(iter(parts)), tuple) and next(iter(parts.values())) == 1:
         dim = next(iter(parts))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -549,7 +550,26 @@ def _huge_input_channels():
     return b.model(b.node("Relu", [repvgg_block(b, x, 4, 4)])).SerializeToString()
 
 
+def _huge_range_indices():
+    """ScatterND indices Range(0, 2^40) over a padded conv output, then a 3x3 conv: shape
+    inference's data propagation, the constant folder and the index-grid reader each once
+    tried to build the 2^40 values."""
+    from onnx import numpy_helper
+    b = Builder(seed=8)
+    x = b.input([1, 4, 7, 9])
+    y = b.node("Pad", [b.conv(x, 4, 4, (1, 1)), "pads"], mode="constant")
+    b.inits += [numpy_helper.from_array(np.array(v, np.int64), n) for v, n in
+                (([0, 0, 1, 1, 0, 0, 1, 1], "pads"), (0, "start"), (2 ** 40, "limit"), (1, "delta"), ([-1], "axes"))]
+    indices = b.node("Unsqueeze", [b.node("Range", ["start", "limit", "delta"]), "axes"])
+    updates = b.node("Expand", [b.const(np.ones((4, 1, 1))), b.node("Shape", [y])])
+    written = b.node("ScatterND", [y, indices, updates])
+    return b.model(b.conv(written, 4, 4, (3, 3))).SerializeToString()
+
+
 HUGE_CASES = {
+    "range_indices": (_huge_range_indices,
+                      "ScatterND indices Range(0, 2^40): onnx's shape inference propagated its values "
+                      "until the process was killed"),
     "unused_initializer": (_edited(_huge_unused_initializer),
                            "an initializer claiming [100000, 100000, 100] with no data is not checked at load "
                            "(io.check): nothing reads it, the model is written back, exit 0"),
@@ -568,7 +588,7 @@ HUGE_CASES = {
 }
 
 
-UNTOUCHED_OK = {"input_channels", "conv_pads"}
+UNTOUCHED_OK = {"input_channels", "conv_pads", "range_indices"}
 
 
 @pytest.mark.parametrize("case", sorted(HUGE_CASES))

@@ -500,3 +500,20 @@ def test_index_grid_writing_inside_the_tensor_stays():
     result = assert_untouched(b.model(_grid_dbb_branch(b, x, size, sides=sides)), "outside its padding",
                               identical=False)
     assert op_counts(result.model)["ScatterND"] == 4
+
+
+def test_an_index_grid_too_large_to_build_is_not_built():
+    """Indices from Range(0, 2^40): neither folded nor followed (no 2^40-element array is made),
+    the write stays, and the analysis returns at once."""
+    import time
+    b = Builder(seed=33)
+    x = b.input([2, C, 7, 9])
+    y = _zero_pad(b, b.conv(x, C, C, (1, 1)))
+    rows = b.node("Range", [_int_const(b, 0), _int_const(b, 2 ** 40), _int_const(b, 1)])
+    indices = b.node("Unsqueeze", [rows, _int_const(b, [-1])])
+    updates = b.node("Expand", [b.const(np.ones((C, 1, 1))), b.node("Shape", [y])])
+    model = b.model(b.conv(b.node("ScatterND", [y, indices, updates]), C, C, (3, 3), pads=(0, 0, 0, 0)))
+    start = time.perf_counter()
+    result = fuse_with_report(model, check_blocks=False, verify=False)
+    assert time.perf_counter() - start < 30
+    assert op_counts(result.model)["ScatterND"] == 1
