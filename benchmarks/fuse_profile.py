@@ -8,6 +8,7 @@ peak (a sample every 2 ms: a shorter spike can be missed; ru_maxrss is printed t
 
     python benchmarks/fuse_profile.py MODEL.onnx [--no-verify] [--top 25]
     python benchmarks/fuse_profile.py --build 336 [--no-verify]     # io_cost.py's RepVGG-style model
+    python benchmarks/fuse_profile.py --build 2270 --external       # the same, weights in external data
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?")
     parser.add_argument("--build", type=float, metavar="MB", help="build io_cost.py's model of about MB megabytes")
+    parser.add_argument("--external", action="store_true", help="with --build: weights in external data")
     parser.add_argument("--no-verify", action="store_true")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
@@ -81,7 +83,7 @@ def main():
         if args.build:
             from io_cost import build_model
             args.model = str(Path(tmp) / "built.onnx")
-            build_model(args.build, Path(args.model), external=False)
+            build_model(args.build, Path(args.model), external=args.external)
         stages = Stages()
         from reparam_onnx import analyse, api, cli, io, rewrite, validate
         stages.wrap(io, "_read_model", "parse")

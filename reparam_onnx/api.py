@@ -67,7 +67,9 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     Within `with to_save():` (the command) the large fused weights are not copied into the
     returned model, which holds stubs for them (io.add_pending); their arrays are the result's
     `arrays`, and io.save(model, ..., arrays=result.arrays) writes the file the complete model
-    would make.
+    would make. The large weights of an input's external data are read from their files when
+    needed (io.load(lazy=True)); outside to_save() the returned model holds them all, within it
+    the untouched ones stay in their files and io.save copies them from there.
     """
     stage = progress or (lambda name: None)
     try:
@@ -75,7 +77,7 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
     except RuleError as exc:
         raise InputError(str(exc)) from None
     stage("load")
-    original, folder, data_files = io.load(model)
+    original, folder, data_files = io.load(model, lazy=True)   # large external weights stay in their files
     validate.check_model(original, f"'{model}'" if not isinstance(model, onnx.ModelProto) else "the model",
                          io.raw_lengths(original))
     report = Report(ops_before=op_counts(original.graph))
@@ -118,6 +120,8 @@ def fuse_with_report(model: ModelLike, *, verify: bool = True, rules: Iterable[s
         if not report.verification.passed:
             raise VerificationError(_failure(report.verification), report)
     report.written = bool(write and fused_blocks)
+    if not _TO_SAVE.get():
+        io.load_lazy(result_model)   # a complete model, as onnx.load would give it
     return FuseResult(result_model, report, [str(f) for f in data_files], arrays if result_model is work else {})
 
 

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import io
+
 # Ops whose output depends on an activation only through its static shape or dtype.
 _SHAPE_ONLY_INPUTS = {"Shape": (0,), "Size": (0,), "CastLike": (1,)}
 # Ops whose output shape depends on these inputs' shapes, never on their values.
@@ -153,7 +155,8 @@ class GraphIndex:
                 raise NotConstant(f"'{name}' is a graph input (it can be overridden at run time)")
             tensor = self.initializers[name]
             _check_size(tensor.dims, name)
-            value = numpy_helper.to_array(tensor, self.external_base or "")
+            # a weight load(lazy=True) left in its file is read from there
+            value = io.lazy_array(tensor) if io.lazy(tensor) else numpy_helper.to_array(tensor, self.external_base or "")
         elif name in self.inputs:
             raise NotConstant(f"'{name}' is a graph input")
         elif name in self.producer:

@@ -32,11 +32,16 @@ PathLike = Union[str, os.PathLike]
 Files = List[Tuple[str, Path]]   # (what the file is to the run, its path)
 
 
-def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
+def load(source: Union[PathLike, onnx.ModelProto],
+         lazy: bool = False) -> Tuple[onnx.ModelProto, Optional[Path], List[Path]]:
     """(model, folder of the model file or None, the external data files it read).
 
     A ModelProto is returned as given (callers copy before editing). A path is read
-    with its external data, which must lie inside the model's folder.
+    with its external data, which must lie inside the model's folder. With lazy=True the
+    graph initializers whose external data is LAZY_MIN bytes or more (of a plain element
+    type) are left in their files, checked but not read: each stays external, marked as
+    lazy (see lazy()); lazy_array() reads one, load_lazy() puts them into the model, and
+    save() copies their bytes from the file into the output.
     """
     if isinstance(source, onnx.ModelProto):
         if _has_external(source):
@@ -56,7 +61,7 @@ def load(source: Union[PathLike, onnx.ModelProto]) -> Tuple[onnx.ModelProto, Opt
     if not model.HasField("graph") or not model.graph.node and not model.graph.output:
         raise InputError(f"'{path}' is not an ONNX model (no graph)")
     external: Dict[int, int] = {}
-    files = _load_external(model, path.parent, external) if _has_external(model) else []
+    files = _load_external(model, path.parent, external, lazy) if _has_external(model) else []
     if lengths is not None and len(lengths) == len(model.graph.initializer):
         _loaded.clear()
         _loaded[id(model)] = (model, [external.get(i, n) for i, n in enumerate(lengths)])
@@ -107,9 +112,11 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
                 yield sparse.indices
 
 
-def _load_external(model: onnx.ModelProto, folder: Path, lengths: Optional[Dict[int, int]] = None) -> List[Path]:
+def _load_external(model: onnx.ModelProto, folder: Path, lengths: Optional[Dict[int, int]] = None,
+                   lazy: bool = False) -> List[Path]:
     """Load the external data into the model; `lengths` gets the length read of each initializer
-    (by its index) that had its data outside."""
+    (by its index) that had its data outside. lazy=True: large initializers are marked lazy
+    instead of read (see load)."""
     from onnx.external_data_helper import load_external_data_for_tensor
     root = folder.resolve()
     files = []
@@ -133,19 +140,114 @@ def _load_external(model: onnx.ModelProto, folder: Path, lengths: Optional[Dict[
         if full.stat().st_nlink > 1:
             raise InputError(f"external data '{location}' is hard-linked; external data must be a regular file "
                              f"inside the model's folder: copy the file next to the model")
-        size = full.stat().st_size
+        info = full.stat()
+        size = info.st_size
         _check_bounds(tensor, location, offset, length, size)
+        if lengths is not None and position < count:   # what onnx read: `length` bytes, or to the end
+            lengths[position] = length if length is not None else size - offset
+        if full.resolve() not in files:
+            files.append(full.resolve())
+        if lazy and position < count and _lazy_kind(tensor, length if length is not None else size - offset):
+            _make_lazy(tensor, location, offset, length if length is not None else size - offset, full.resolve(),
+                       info)
+            continue
         try:
             load_external_data_for_tensor(tensor, str(folder))
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read external data '{location}': {_first_line(exc)}") from None
-        if lengths is not None and position < count:   # what onnx read: `length` bytes, or to the end
-            lengths[position] = length if length is not None else size - offset
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
-        if full.resolve() not in files:
-            files.append(full.resolve())
     return files
+
+
+# ---------------------------------------------------------------- lazy external data
+#
+# A large weight in an external data file need not be copied into the model: it stays an
+# external tensor, its entries made canonical (location, offset, length) and followed by one
+# entry naming the data file's resolved path (LAZY_KEY). Whoever needs its values reads them
+# from the file (lazy_array); save() copies its bytes from the file into the output, where
+# onnx.save would write the loaded tensor's; load_lazy() gives the model the tensor load()
+# would have made. The file is the same either way.
+
+LAZY_KEY = "\0reparam-onnx-source"   # no writer uses this key: a reader unaware of it refuses it
+LAZY_MIN = 64 << 10                  # bytes; smaller external tensors are read into the model
+# element types whose values are the raw bytes as they are (numpy_helper.to_array's frombuffer)
+_LAZY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+               onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+               onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+# data file -> (device, inode, size, mtime) when load() looked at it: a file changed since is refused
+_sources: Dict[Path, Tuple[int, int, int, int]] = {}
+
+
+def _lazy_kind(tensor: onnx.TensorProto, length: int) -> bool:
+    """The tensor may stay in its file: a plain element type, LAZY_MIN bytes or more, and as
+    many as its dims say (a wrong length is read, and refused by the checks as before)."""
+    return tensor.data_type in _LAZY_TYPES and length >= LAZY_MIN and not tensor.HasField("segment") and \
+        length == math.prod(tensor.dims) * _ITEM_SIZE[tensor.data_type]
+
+
+def _make_lazy(tensor: onnx.TensorProto, location: str, offset: int, length: int, full: Path, info) -> None:
+    tensor.ClearField("raw_data")   # onnx ignores it when the data is external
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length)),
+                       (LAZY_KEY, str(full))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    _sources[full] = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def lazy(tensor: onnx.TensorProto) -> bool:
+    """A tensor load(lazy=True) left in its data file."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and len(tensor.external_data) == 4 and \
+        tensor.external_data[3].key == LAZY_KEY
+
+
+def has_lazy(model: onnx.ModelProto) -> bool:
+    return any(lazy(t) for t in model.graph.initializer)
+
+
+def _lazy_entry(tensor: onnx.TensorProto) -> Tuple[str, Path, int, int]:
+    """(location, data file, offset, length) of a lazy tensor."""
+    location, offset, length, source = (e.value for e in tensor.external_data)
+    return location, Path(source), int(offset), int(length)
+
+
+def lazy_bytes(tensor: onnx.TensorProto) -> bytes:
+    """A lazy tensor's bytes, read from its data file; InputError when the file is gone, was
+    changed since load() checked it, or is too short."""
+    location, source, offset, length = _lazy_entry(tensor)
+    try:
+        with open(source, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            seen = _sources.get(source)
+            if seen is not None and seen != (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns):
+                raise InputError(f"external data file '{location}' changed while the model was being fused")
+            handle.seek(offset)
+            data = handle.read(length)
+    except OSError as exc:
+        raise InputError(f"cannot read external data '{location}': {exc.strerror or exc}") from None
+    if len(data) != length:
+        raise InputError(f"external data of '{tensor.name}': offset {offset} + length {length} is past the end "
+                         f"of '{location}'")
+    return data
+
+
+def lazy_array(tensor: onnx.TensorProto) -> Any:
+    """A lazy tensor's values (read-only, as numpy_helper.to_array gives a loaded tensor's)."""
+    import numpy as np
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return np.frombuffer(lazy_bytes(tensor), dtype).reshape(tuple(tensor.dims))
+
+
+def load_lazy(model: onnx.ModelProto) -> None:
+    """Read every lazy tensor into the model: the tensor load() would have made."""
+    for tensor in model.graph.initializer:
+        if lazy(tensor):
+            data = lazy_bytes(tensor)
+            tensor.raw_data = data   # as onnx's load_external_data_for_tensor and _load_external leave it
+            del data
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
 
 
 def _external_entry(tensor: onnx.TensorProto) -> Tuple[str, int, Optional[int]]:
@@ -490,7 +592,7 @@ def _folders_up(start: Path, top: Path) -> List[Path]:
 def _externalized(model: onnx.ModelProto, arrays: Mapping[str, Any]) -> Iterable[onnx.TensorProto]:
     """The initializers _externalize moves to the data file (pending stubs as their tensors)."""
     return (t for t in model.graph.initializer
-            if (t.HasField("raw_data") or pending(t, arrays)) and _raw_size(t) >= EXTERNAL_THRESHOLD)
+            if (t.HasField("raw_data") or pending(t, arrays) or lazy(t)) and _raw_size(t) >= EXTERNAL_THRESHOLD)
 
 
 def _raw_size(tensor: onnx.TensorProto) -> int:
@@ -505,7 +607,8 @@ def _externalize(model: onnx.ModelProto, handle, location: str, count: "_Count",
         pad = (-offset) % 4096
         handle.write(b"\0" * pad)
         offset += pad
-        data = _array_bytes(arrays[tensor.name]) if pending(tensor, arrays) else tensor.raw_data
+        data = _array_bytes(arrays[tensor.name]) if pending(tensor, arrays) else \
+            lazy_bytes(tensor) if lazy(tensor) else tensor.raw_data
         handle.write(data)
         del tensor.external_data[:]
         for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
@@ -584,7 +687,7 @@ STREAM_MIN = 64 << 10   # raw_data of at least this many bytes is streamed; smal
 
 class _RawData:
     """The raw_data record of a tensor: its header now, its bytes when written (read from the
-    tensor, or from `array` for a pending stub)."""
+    tensor, from `array` for a pending stub, from its data file for a lazy tensor)."""
     __slots__ = ("tensor", "length", "header", "array")
 
     def __init__(self, tensor: onnx.TensorProto, length: int, array: Any = None):
@@ -595,7 +698,9 @@ class _RawData:
         return len(self.header) + self.length
 
     def data(self) -> Union[bytes, memoryview]:
-        return self.tensor.raw_data if self.array is None else _array_bytes(self.array)
+        if self.array is not None:
+            return _array_bytes(self.array)
+        return lazy_bytes(self.tensor) if lazy(self.tensor) else self.tensor.raw_data
 
 
 class _Mismatch(Exception):
@@ -654,6 +759,7 @@ def write_parts(model: onnx.ModelProto, parts: List[Part], handle, count: Option
         handle.seek(0)
         handle.truncate()
         materialize(model, arrays or {})
+        load_lazy(model)
         handle.write(model.SerializeToString())
 
 
@@ -750,8 +856,11 @@ def _each(parts_of, wanted=lambda element: True):
 
 def _graph_parts(graph: onnx.GraphProto, arrays: Mapping[str, Any]) -> List[Part]:
     def initializer_parts(tensor: onnx.TensorProto) -> List[Part]:
-        return _pending_parts(tensor, arrays[tensor.name]) if pending(tensor, arrays) else _tensor_parts(tensor)
-    return _parts(graph, {"initializer": _each(initializer_parts, lambda t: _large(t) or pending(t, arrays)),
+        if pending(tensor, arrays):
+            return _pending_parts(tensor, arrays[tensor.name])
+        return _lazy_parts(tensor) if lazy(tensor) else _tensor_parts(tensor)
+    return _parts(graph, {"initializer": _each(initializer_parts,
+                                               lambda t: _large(t) or pending(t, arrays) or lazy(t)),
                           "node": _each(_node_parts, _has_large_attribute)})
 
 
@@ -766,6 +875,20 @@ def _pending_parts(stub: onnx.TensorProto, array: Any) -> List[Part]:
     for field, _ in tensor.ListFields():
         _copy_field(tensor, before if field.number < _RAW_DATA else after, field)
     raw = _RawData(stub, array.nbytes, array)
+    return [p for p in (before.SerializeToString(), raw, after.SerializeToString()) if len(p)]
+
+
+def _lazy_parts(lazy_tensor: onnx.TensorProto) -> List[Part]:
+    """The parts of the tensor load_lazy would make of a lazy one: its fields without the
+    external entries, data_location DEFAULT, the file's bytes as its raw_data."""
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(lazy_tensor)
+    tensor.ClearField("external_data")
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    before, after = onnx.TensorProto(), onnx.TensorProto()
+    for field, _ in tensor.ListFields():
+        _copy_field(tensor, before if field.number < _RAW_DATA else after, field)
+    raw = _RawData(lazy_tensor, _lazy_entry(lazy_tensor)[3])
     return [p for p in (before.SerializeToString(), raw, after.SerializeToString()) if len(p)]
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import io
 from .report import Verification
 from .shapes import SPATIAL, input_dims
 
@@ -135,6 +136,10 @@ def _split(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, onnx.Tens
     _copy_fields(model.graph, out.graph, skip={"initializer"})
     tensors = {}
     for tensor in model.graph.initializer:
+        if io.lazy(tensor):   # left in its data file by io.load: read from there when a runner is made
+            tensors[tensor.name] = tensor
+            out.graph.initializer.add().CopyFrom(_stub(tensor.name, tensor.data_type, tensor.dims))
+            continue
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _PLAIN \
                 or not tensor.HasField("raw_data") or math.prod(tensor.dims) * _itemsize(tensor) < EXTERNAL_MIN_BYTES:
             out.graph.initializer.add().CopyFrom(tensor)
@@ -145,6 +150,8 @@ def _split(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Dict[str, onnx.Tens
 
 
 def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    if io.lazy(tensor):
+        return io.lazy_array(tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     return np.frombuffer(tensor.raw_data, dtype).reshape(tuple(tensor.dims))
 
