@@ -16,7 +16,7 @@ import pytest
 from onnx import numpy_helper
 
 from conftest import Builder, invoke, one_error_line, repvgg_block
-from reparam_onnx import api, cli, fuse, fuse_with_report, io
+from reparam_onnx import cli, fuse, fuse_with_report, io
 from reparam_onnx.api import to_save
 from reparam_onnx.errors import InputError
 
