@@ -43,14 +43,22 @@ def static_shapes(model: onnx.ModelProto, inputs: Optional[Dict[str, Sequence[in
     graph = inferred.graph
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
         t = info.type.tensor_type
-        if not info.type.HasField("tensor_type") or t.elem_type == 0:
-            continue
+        if not info.type.HasField("tensor_type") or _np_dtype(t.elem_type) is None:
+            continue   # (a Cast to an element type no one knows: inference passes the number on)
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim) \
             if t.HasField("shape") else None
-        shapes[info.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        shapes[info.name] = (dims, _np_dtype(t.elem_type))
     for init in model.graph.initializer:
         shapes[init.name] = (tuple(init.dims), onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
     return shapes
+
+
+def _np_dtype(elem_type: int):
+    """The numpy dtype of an ONNX element type; None for 0 or a number onnx does not know."""
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _skeleton(model: onnx.ModelProto, constants: Dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -53,6 +53,10 @@ def check_model(model: onnx.ModelProto, name: str = "the model",
                 raise InputError(f"{bad} input '{inp}' of node '{node.name}' {what}")
         defined.update(node.output)
         _check_node(node, opset, bad)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):   # its tensor, as an initializer's
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    _check_tensor(attr.t, bad, what=f"the value of Constant node '{node.name}'")
     facts = _Facts(graph)
     for node in graph.node:
         check = SHAPE_CHECKS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -85,11 +89,12 @@ def _check_strings(model: onnx.ModelProto, bad: str) -> None:
         raise InputError(f"{bad} a name is not valid UTF-8 text")
 
 
-def _check_tensor(t: onnx.TensorProto, bad: str, raw_length: Optional[int] = None) -> None:
+def _check_tensor(t: onnx.TensorProto, bad: str, raw_length: Optional[int] = None, what: Optional[str] = None) -> None:
+    what = what or f"initializer '{t.name}'"
     if t.data_type not in _VALID_TYPES:
-        raise InputError(f"{bad} initializer '{t.name}' has the unknown element type {t.data_type}")
+        raise InputError(f"{bad} {what} has the unknown element type {t.data_type}")
     if any(d < 0 for d in t.dims):
-        raise InputError(f"{bad} initializer '{t.name}' has negative dims {list(t.dims)}")
+        raise InputError(f"{bad} {what} has negative dims {list(t.dims)}")
     if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in _FIXED_SIZE:
         return
     count = math.prod(int(d) for d in t.dims)
@@ -100,8 +105,7 @@ def _check_tensor(t: onnx.TensorProto, bad: str, raw_length: Optional[int] = Non
         field = onnx.helper.tensor_dtype_to_field(t.data_type)
         have, want = len(getattr(t, field)), count
     if have != want:
-        raise InputError(f"{bad} initializer '{t.name}' holds {have} values or bytes for dims {list(t.dims)} "
-                         f"(expected {want})")
+        raise InputError(f"{bad} {what} holds {have} values or bytes for dims {list(t.dims)} (expected {want})")
 
 
 def _check_node(node: onnx.NodeProto, opset: int, bad: str) -> None:

@@ -484,8 +484,29 @@ def _ort_runtime_error() -> bytes:
     return b.model(y).SerializeToString()
 
 
+def _constant_of_an_unknown_type(m):
+    """A Constant holding a tensor of element type 100000 (a varint mutant of a TorchScript DBB):
+    shape inference passed the number on, and reading it as a numpy dtype raised KeyError."""
+    t = TensorProto(name="c", data_type=100000, raw_data=b"\0" * 4)
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["c_out"], name="odd_constant", value=t))
+    m.graph.output.add().name = "c_out"
+
+
+def _malformed_constant(m):
+    """A Constant whose float scalar holds 8 bytes, multiplying the model's output: checked on
+    load as an initializer is (folding it raised numpy's reshape error as an internal error)."""
+    t = TensorProto(name="c", data_type=TensorProto.FLOAT, raw_data=b"\0" * 8)   # dims [], 8 bytes
+    out = m.graph.output[0].name
+    producer = next(n for n in m.graph.node if out in n.output)
+    producer.output[list(producer.output).index(out)] = "before_scale"
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["c_out"], name="bad_constant", value=t))
+    m.graph.node.append(helper.make_node("Mul", ["before_scale", "c_out"], [out], name="scale"))
+
+
 REPRODUCTIONS = {
     # name: (what it once broke, model bytes)
+    "constant_of_an_unknown_type": ("dtype", _edited(_constant_of_an_unknown_type)),
+    "malformed_constant": ("payload", _edited(_malformed_constant)),
     "short_raw_data": ("payload", _edited(_short_raw_data)),
     "overflowing_dims": ("payload", _edited(_overflowing_dims)),
     "bad_utf8_op_type": ("utf8", _edited(lambda m: m.SerializeToString().replace(b"Relu", b"Rel\xff"))),
