@@ -55,6 +55,8 @@ SEEDS = {
     "builder_repvgg": repvgg_bytes,
     "torch_repvgg": lambda: (FIXTURES / "torch" / "repvgg.ts_cf.onnx").read_bytes(),
     "tf_keras3_noopt": lambda: (FIXTURES / "tf" / "keras3_nhwc_op17_noopt.onnx").read_bytes(),
+    # index grids from shapes (symbolic.py), DBB's border writes, AvgPool, Conv∘Conv
+    "torch_dbb_b1": lambda: (FIXTURES / "families" / "dbb.ts_b1.onnx").read_bytes(),
 }
 
 
@@ -317,7 +319,7 @@ def describe(outcome: Outcome) -> str:
 
 # ---------------------------------------------------------------- the mutant corpus
 
-PER_KIND = 100      # mutants per seed model and mutation kind: 3 × 5 × 100 = 1500
+PER_KIND = 100      # mutants per seed model and mutation kind: 4 × 5 × 100 = 2000
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +384,7 @@ def test_harness_reports_crashes_and_hangs(tmp_path):
 
 
 def test_mutants_fail_cleanly(corpus, tmp_path):
-    """1500 mutants through cli.main in watched, memory-limited children."""
+    """2000 mutants through cli.main in watched, memory-limited children."""
     outcomes = run_batch(corpus, tmp_path)
     codes = [o.code for o in outcomes]
     assert "not run" not in codes
