@@ -13,6 +13,7 @@ import numpy as np
 
 from .analyse import Analyser, Decision
 from .linear import Context
+from .shapes import BATCH
 from .verify import check_block, random_array
 
 
@@ -34,13 +35,18 @@ def check_alone(analyser: Analyser, d: Decision, nodes, new_nodes, new_params, o
     except Exception as exc:  # a parameter that folded before must fold again; say so if not
         return Verdict(f"isolated check could not run: {exc}")
     dtype = analyser.shapes.get(source, (None, None))[1] or d.dtype
-    try:
-        runs = check_inputs(d.ctx, d.value.geometry, analyser.shapes.get(source, (None, None))[0], dtype,
-                            analyser.options.seed)
-    except ValueError as exc:
-        return Verdict(f"isolated check could not run: {exc}")
-    result = check_block(source, dtype, output, (nodes, values), (new_nodes, new_params), analyser.model, runs,
-                         analyser.options.seed, analyser.options.rtol, analyser.options.atol)
+    dims = analyser.shapes.get(source, (None, None))[0]
+    for batch in (1, BATCH):
+        try:
+            runs = check_inputs(d.ctx, d.value.geometry, dims, dtype, analyser.options.seed, batch)
+        except ValueError as exc:
+            return Verdict(f"isolated check could not run: {exc}")
+        result = check_block(source, dtype, output, (nodes, values), (new_nodes, new_params), analyser.model, runs,
+                             analyser.options.seed, analyser.options.rtol, analyser.options.atol)
+        if result.ran or runs[0][source].shape[d.ctx.layout.index(0)] != 1:
+            break
+        # the original block does not run at batch 1 (TorchScript bakes the traced batch into
+        # some shapes): check it where the whole-model verification runs it, at BATCH
     if result.passed:
         return Verdict(worst=result.worst)
     return Verdict(f"the block run alone differs from its fused conv: max|Δ|/max|ref| = "
@@ -60,14 +66,14 @@ def check_sizes(spatial: Optional[Sequence[Optional[int]]], geometry) -> List[tu
                   for a in range(rank)) for r in range(count)]
 
 
-def check_inputs(ctx: Context, geometry, dims, dtype, seed: int) -> List[Dict[str, np.ndarray]]:
+def check_inputs(ctx: Context, geometry, dims, dtype, seed: int, dynamic_batch: int = 1) -> List[Dict[str, np.ndarray]]:
     """Random inputs for the block input at check_sizes: channels from the weights (ctx), batch
-    from the graph where static (else 1), laid out as the graph has it."""
+    from the graph where static (else `dynamic_batch`), laid out as the graph has it."""
     rng = np.random.default_rng(seed)
     batch = dims[ctx.layout.index(0)] if dims is not None and len(dims) == len(ctx.layout) else None
     runs = []
     for size in check_sizes(ctx.spatial, geometry):
-        canonical = (batch or 1, ctx.channels) + size
+        canonical = (batch or dynamic_batch, ctx.channels) + size
         actual = [canonical[axis] for axis in ctx.layout]
         runs.append({ctx.source: random_array(actual, dtype, rng, ctx.source)})
     return runs

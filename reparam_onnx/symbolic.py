@@ -83,14 +83,18 @@ class Grid:
         return Grid((1,) * extra + self.dims, terms)
 
 
-def broadcast_dims(*shapes: Sequence[Size]) -> Optional[Tuple[Size, ...]]:
-    """Multidirectional broadcasting; None unless every pair of sizes is provably compatible."""
+def broadcast_dims(*shapes: Sequence[Size], loose: bool = False) -> Optional[Tuple[Size, ...]]:
+    """Multidirectional broadcasting; None unless every pair of sizes is provably compatible
+    (loose: such an axis is None, its size unknown, and the others are still given)."""
     rank = max(len(s) for s in shapes)
     out = []
     for k in range(rank):
         sizes = {s[k - rank + len(s)] for s in shapes if k - rank + len(s) >= 0} - {1}
-        if len(sizes) > 1:
-            return None
+        if len(sizes) > 1 or None in sizes:
+            if not loose:
+                return None
+            out.append(None)
+            continue
         out.append(sizes.pop() if sizes else 1)
     return tuple(out)
 
@@ -146,17 +150,21 @@ class Symbolic:
         g = self.value(name)
         return None if g is None else g.sizes()
 
-    def dims(self, name: str) -> Optional[Tuple[Size, ...]]:
+    def dims(self, name: str, loose: bool = False) -> Optional[Tuple[Size, ...]]:
         """The tensor's dims: static ones from shape inference, dynamic ones as symbols; an
-        Expand or Reshape output as its shape input says."""
+        Expand or Reshape output as its shape input says. Loose: an Expand's axis whose sizes
+        are not provably compatible is None (the graph runs only where they are) and the
+        other axes are still given."""
         node = self.index.producer.get(name)
         if node is not None and node.op_type == "Expand":
-            inner, target = self.dims(node.input[0]), self.sizes(node.input[1])
-            return None if inner is None or target is None else broadcast_dims(inner, target)
+            inner, target = self.dims(node.input[0], loose), self.sizes(node.input[1])
+            return None if inner is None or target is None else broadcast_dims(inner, target, loose=loose)
         if node is not None and node.op_type == "Reshape":
-            inner, target = self.dims(node.input[0]), self.sizes(node.input[1])
+            inner, target = self.dims(node.input[0], loose), self.sizes(node.input[1])
             if inner is None or target is None:
                 return None
+            if None in inner:   # its output is the target, when the target says every size
+                return tuple(target) if all(t != 0 and t != -1 for t in target) else None
             return reshaped_dims(inner, target, attributes(node).get("allowzero", 0))
         grid = self.value(name)
         if grid is not None:

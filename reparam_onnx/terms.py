@@ -487,9 +487,13 @@ def _scatter_nd(w: Walker, node, tensor, depth):
 
 
 def _broadcast_constant(w: Walker, name: str, rank: int) -> Optional[np.ndarray]:
-    """The constant c that `name` broadcasts (Expands of c, Reshapes to the same dims, Transposes), laid out as
-    `name` is and padded to `rank` axes; None when `name` is not such a value."""
-    perms = []
+    """The constant c that `name` broadcasts (Expands of c, Reshapes, Transposes), laid out as
+    `name` is and padded to `rank` axes; None when `name` is not such a value.
+
+    A Reshape that keeps every axis after axis f as it is (same dims) leaves each element's
+    index on those axes as it was: it passes when c does not vary along axes 0..f (TorchScript
+    expands c to a shape of the traced batch, then reshapes it to the indices' batch)."""
+    perms, scrambled = [], -1   # axes 0..scrambled: reordered by a Reshape (c must be constant there)
     while True:
         value = w.const(name)
         if value is not None:
@@ -498,19 +502,30 @@ def _broadcast_constant(w: Walker, name: str, rank: int) -> Optional[np.ndarray]
         if node is None or node.domain not in ("", "ai.onnx"):
             return None
         if node.op_type == "Transpose" and attributes(node).get("perm") is not None:
+            if scrambled >= 0:
+                return None   # a Transpose under such a Reshape: the axes no longer line up
             perms.append(tuple(attributes(node)["perm"]))
             name = node.input[0]
         elif node.op_type == "Expand":   # of a constant, or of another broadcast constant
             name = node.input[0]
-        elif node.op_type == "Reshape" and w.symbolic.dims(name) is not None \
-                and w.symbolic.dims(name) == w.symbolic.dims(node.input[0]):
-            name = node.input[0]   # to the dims it has: no element moves
+        elif node.op_type == "Reshape":
+            after, before = w.symbolic.dims(name, loose=True), w.symbolic.dims(node.input[0], loose=True)
+            if after is None or before is None or len(after) != rank or len(before) != rank:
+                return None
+            differ = [k for k in range(rank) if before[k] is None or before[k] != after[k]]
+            scrambled = max([scrambled] + differ)
+            name = node.input[0]
         else:
             return None
     value = np.asarray(value, np.float64)
     if value.ndim > rank:
         return None
     value = value.reshape((1,) * (rank - value.ndim) + value.shape)
+    for k in range(scrambled + 1):   # constant along the reordered axes, or not this value
+        if value.shape[k] != 1:
+            if not np.all(value == value.take([0], axis=k)):
+                return None
+            value = value.take([0], axis=k)
     for perm in reversed(perms):   # the innermost Transpose first
         if len(perm) != rank:
             return None

@@ -16,15 +16,10 @@ FAMILIES = FIXTURES / "families"
 MANIFEST = json.loads((FAMILIES / "manifest.json").read_text())
 CASES = [(family, variant) for family, info in MANIFEST["families"].items()
          for variant in info["variants"]]
-# Exact exports the engine does not collapse: strict, so each turns red the day it does.
 # TorchScript writes DBB's BNAndPadLayer border writes as ScatterND over an index grid of the
-# data's dims (fused: ts_static, ts_b1 traced at batch 1, test_sequential at any batch). Traced
-# at batch 2 with a dynamic batch, it also expands the updates to the traced [2, C, 1, W]: those
-# exports run at batch 2 only, and the engine assumes no batch size from a broadcast that fails.
-NOT_YET = {(family, variant): "the TorchScript export runs only at its traced batch (updates of a baked shape)"
-           for family in ("dbb", "dbb_s2") for variant in ("ts_cf", "ts_nocf")}
-EXACT = [pytest.param(f, v, marks=pytest.mark.xfail(reason=NOT_YET[f, v], strict=True)) if (f, v) in NOT_YET
-         else (f, v) for f, v in CASES if MANIFEST["families"][f]["exact"]]
+# data's dims; traced at batch 2 with a dynamic batch, it also expands the updates to the traced
+# [2, C, 1, W] and reshapes them to the grid (those exports run at batch 2 only): all fuse.
+EXACT = [(f, v) for f, v in CASES if MANIFEST["families"][f]["exact"]]
 EXACT_IDS = [f"{f}.{v}" for f, v in CASES if MANIFEST["families"][f]["exact"]]
 INEXACT = [c for c in CASES if not MANIFEST["families"][c[0]]["exact"]]
 

@@ -517,3 +517,43 @@ def test_an_index_grid_too_large_to_build_is_not_built():
     result = fuse_with_report(model, check_blocks=False, verify=False)
     assert time.perf_counter() - start < 30
     assert op_counts(result.model)["ScatterND"] == 1
+
+
+@pytest.mark.parametrize("rows_differ", [False, True])
+def test_updates_expanded_to_a_traced_batch_are_read_per_channel(rows_differ):
+    """TorchScript traced at batch 2 with a dynamic batch: the updates are c expanded to a baked
+    [2, C, 1, W], then to the slice's shape, then reshaped to the grid's [B, C, 1, W]. The model
+    runs only at batch 2; the Reshape keeps every axis after the batch, so where it runs each
+    update is c of its channel. A c that differs between the two baked rows is not one value
+    per channel: that stays, with every check off too."""
+    size = (7, 9)
+    b = Builder(seed=34)
+    x = b.input(["B", C] + list(size))
+    t = b.rng.normal(0, 1, C)
+    y = _zero_pad(b, b.node("Conv", [x, b.const(b.rng.normal(0, 0.5, (C, C, 1, 1))), b.const(t)], kernel_shape=[1, 1]))
+    h, w = size[0] + 2, size[1] + 2
+    for axis, start, end in ((2, 0, 1), (2, -1, 2 ** 62), (3, 0, 1), (3, -1, 2 ** 62)):
+        zero, one = _int_const(b, 0), _int_const(b, 1)
+        ranges = []
+        for k in range(4):
+            r = b.node("Range", [zero, b.node("Gather", [b.node("Shape", [y]), _int_const(b, k)], axis=0), one])
+            if k == axis:
+                r = b.node("Slice", [r, _int_const(b, [start]), _int_const(b, [end]), _int_const(b, [0])])
+            ranges.append(b.node("Reshape", [r, _int_const(b, [-1] + [1] * (3 - k))]))
+        grid = b.node("Shape", [b.add(*ranges)])
+        indices = b.node("Concat", [b.node("Unsqueeze", [b.node("Expand", [r, grid]), _int_const(b, [-1])])
+                                    for r in ranges], axis=-1)
+        baked = [2, C, 1, w] if axis == 2 else [2, C, h, 1]
+        value = np.stack([t.reshape(C, 1, 1), (t + (1.0 if rows_differ else 0.0)).reshape(C, 1, 1)])
+        written = b.node("Slice", [y, _int_const(b, [start]), _int_const(b, [end]), _int_const(b, [axis])])
+        expanded = b.node("Expand", [b.node("Expand", [b.const(value), _int_const(b, baked)]),
+                                     b.node("Shape", [written])])
+        y = b.node("ScatterND", [y, indices, b.node("Reshape", [expanded, grid])])
+    model = b.model(b.add(b.conv(y, C, C, (3, 3), pads=(0, 0, 0, 0)), b.bn(b.conv(x, C, C, (3, 3), pads=ONE), C)))
+    feeds = _batch_feeds(model, 2, size)
+    if rows_differ:
+        result = fuse_with_report(model, check_blocks=False, verify=False)
+        assert op_counts(result.model)["ScatterND"] == 4
+        assert_equivalent(model, result.model, feeds)
+    else:
+        fuse_and_check(model, {"Conv": 1, "ScatterND": 0, "Add": 0}, feeds=feeds)
