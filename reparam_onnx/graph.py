@@ -318,10 +318,15 @@ def output_size(node: onnx.NodeProto, values: List[Optional[np.ndarray]]) -> Opt
                 return prod(d + pads[k] + pads[k + x.ndim] for k, d in enumerate(x.shape))
         if op == "OneHot" and x is not None and v(1) is not None:
             return x.size * max(int(np.asarray(v(1)).reshape(-1)[0]), 0)
-        if op in ("MatMul", "Gemm") and x is not None and v(1) is not None:
+        if op == "MatMul" and x is not None and v(1) is not None:
             a, b = x.shape, v(1).shape
             batch = np.broadcast_shapes(a[:-2], b[:-2]) if len(a) > 2 or len(b) > 2 else ()
-            return prod(batch) * (a[-2] if len(a) > 1 else 1) * (b[-1] if len(b) > 1 else 1) * (2 if op == "Gemm" else 1)
+            return prod(batch) * (a[-2] if len(a) > 1 else 1) * (b[-1] if len(b) > 1 else 1)
+        if op == "Gemm" and x is not None and v(1) is not None and x.ndim == 2 and v(1).ndim == 2:
+            attrs = attributes(node)
+            rows = x.shape[1] if attrs.get("transA", 0) else x.shape[0]
+            cols = v(1).shape[0] if attrs.get("transB", 0) else v(1).shape[1]
+            return rows * cols
         if op == "Einsum":
             spec = attributes(node).get("equation", b"")
             spec = (spec.decode() if isinstance(spec, bytes) else spec).replace(" ", "")

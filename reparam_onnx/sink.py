@@ -23,7 +23,7 @@ import onnx
 from .edit import add_initializer, used_names
 from .graph import GraphIndex, attributes, unique_name
 from .kernels import bn_affine
-from .symbolic import reshaped_dims
+from .symbolic import monomial, reshaped_dims
 
 MAX_DEPTH = 16   # layout ops between the BN and a linear op
 
@@ -246,7 +246,7 @@ def _moved(index: GraphIndex, node, axis: int, dims: tuple, channels: int) -> Op
         if new is None:
             return None
         for q in range(len(new)):   # the channel axis kept whole: same positions before it
-            if new[q] == channels and _monomial(new[:q]) == _monomial(dims[:axis]):
+            if new[q] == channels and monomial(new[:q]) == monomial(dims[:axis]):
                 return q, tuple(new)
         return None
     if op == "AveragePool":
@@ -258,16 +258,6 @@ def _moved(index: GraphIndex, node, axis: int, dims: tuple, channels: int) -> Op
             return None
         return 1, _symbolic(node.output[0], info[0])
     return None
-
-
-def _monomial(dims) -> tuple:
-    coef, syms = 1, []
-    for d in dims:
-        if isinstance(d, tuple):
-            syms.append(d)
-        else:
-            coef *= d
-    return coef, sorted(syms)
 
 
 def _product(dims):

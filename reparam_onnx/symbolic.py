@@ -453,6 +453,17 @@ def _reshape(s: Symbolic, node):
     return Grid(dims, terms)
 
 
+def monomial(sizes: Sequence[Size]) -> tuple:
+    """A product of sizes as (the static ones' product, the dims sorted): equal products compare equal."""
+    coef, syms = 1, []
+    for d in sizes:
+        if isinstance(d, tuple):
+            syms.append(d)
+        else:
+            coef *= d
+    return coef, sorted(syms)
+
+
 def reshaped_dims(dims: Sequence[Size], target: Sequence[Size], allowzero) -> Optional[Tuple[Size, ...]]:
     """Reshape's output dims, when provable: 0 copies the input's dim, one -1 takes what is left."""
     out = []
@@ -464,15 +475,6 @@ def reshaped_dims(dims: Sequence[Size], target: Sequence[Size], allowzero) -> Op
         out.append(t)
     if out.count(-1) > 1 or any(isinstance(t, int) and t < -1 for t in out):
         return None
-
-    def monomial(sizes):
-        coef, syms = 1, []
-        for d in sizes:
-            if isinstance(d, tuple):
-                syms.append(d)
-            else:
-                coef *= d
-        return coef, sorted(syms)
 
     total, known = monomial(dims), monomial(t for t in out if t != -1)
     if -1 in out:

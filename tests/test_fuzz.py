@@ -634,3 +634,21 @@ def test_huge_claimed_sizes_fail_cleanly(case, tmp_path):
                 onnx.load(str(model)).SerializeToString()
     else:
         assert outcome.code == 2, describe(outcome)
+
+
+@pytest.mark.parametrize("op,values,attrs,size", [
+    ("Range", [np.array(0), np.array(2 ** 40), np.array(1)], {}, 2 ** 40),
+    ("Range", [np.array(5.0), np.array(0.0), np.array(-2.0)], {}, 3),
+    ("ConstantOfShape", [np.array([2 ** 20, 2 ** 20])], {}, 2 ** 40),
+    ("Expand", [np.ones((3, 1)), np.array([1, 2 ** 30])], {}, 3 * 2 ** 30),
+    ("Tile", [np.ones((2, 3)), np.array([4, 5])], {}, 120),
+    ("Pad", [np.ones((2, 3)), np.array([1, 0, 1, 2])], {}, 20),
+    ("MatMul", [np.ones((7, 4, 1)), np.ones((1, 9))], {}, 7 * 4 * 9),
+    ("Gemm", [np.ones((4, 6)), np.ones((5, 4))], {"transA": 1, "transB": 1}, 30),
+    ("Einsum", [np.ones(1000), np.ones(3000)], {"equation": "i,j->ij"}, 3_000_000),
+])
+def test_output_size_is_counted_before_evaluating(op, values, attrs, size):
+    """The element count an op would make from its inputs' values, before the folder allocates it."""
+    from reparam_onnx.graph import output_size
+    node = helper.make_node(op, [f"i{k}" for k in range(len(values))], ["y"], **attrs)
+    assert output_size(node, values) == size
