@@ -353,10 +353,6 @@ def _where(s: Symbolic, node):
     return Grid(dims, {k: np.where(c, x.terms.get(k, zero), y.terms.get(k, zero)) for k in set(x.terms) | set(y.terms)})
 
 
-def _constant_of_shape(s: Symbolic, node):
-    return None   # a constant shape is folded by the index; a dynamic one makes a tensor of dynamic size
-
-
 def _expand(s: Symbolic, node):
     (data,) = s._inputs(node, 1)
     target = s.sizes(node.input[1])
@@ -493,7 +489,7 @@ def reshaped_dims(dims: Sequence[Size], target: Sequence[Size], allowzero) -> Op
 
 _HANDLERS = {
     "Shape": _shape, "Gather": _gather, "Cast": _cast, "Range": _range, "Add": _arith, "Sub": _arith,
-    "Mul": _arith, "Equal": _equal, "Where": _where, "ConstantOfShape": _constant_of_shape, "Expand": _expand,
+    "Mul": _arith, "Equal": _equal, "Where": _where, "Expand": _expand,
     "Unsqueeze": _unsqueeze, "Concat": _concat, "Slice": _slice, "Reshape": _reshape,
     "Identity": lambda s, node: s._inputs(node, 1)[0],
 }
