@@ -21,7 +21,8 @@ from .report import BlockReport
 from .risk import numeric_risk
 from .rulebook import Rule, block_shape, first_accepting
 from .shapes import computed_shape_arguments, static_shapes
-from .terms import ROOT_OPS, Affine, Conv, Expr, Leaf, Regroup, Shared, Sum, Walker, block_exprs, block_nodes
+from .terms import (ROOT_OPS, Affine, AvgPool, Conv, Expr, Leaf, Regroup, Shared, Sum, Transpose, Walker, block_exprs,
+                    block_nodes)
 
 MAX_CHANNELS = 1 << 20
 
@@ -105,6 +106,10 @@ class Analyser:
         if regroup is not None:
             return self.decide(cut(expr, regroup.tensor))
         decision = self._decide_from(expr, source)
+        if decision.report.fused and not _as_linear(decision):
+            decision = self._kept_linear(expr, source, decision)
+            if decision is None:
+                return None
         if top_terms(expr)[1]:
             return decision
         if decision.report.fused:
@@ -118,6 +123,29 @@ class Analyser:
         if shorter is not None:
             return shorter if shorter.report.fused or self._worth_reporting(expr, decision) else decision
         return decision if self._worth_reporting(expr, decision) else None
+
+    def _kept_linear(self, expr: Expr, source: str, decision: Decision) -> Optional[Decision]:
+        """A block of Linears (Gemm/MatMul) that came out as a Conv because it took in a graph
+        Transpose (to tokens) stays Linear, as the framework's deploy form has it: the block cut
+        above the Transpose when that is one Linear of no more nodes (NextViT's q once its pre-BN
+        is folded in); nothing when the block is then just a Linear and the layout op (taking in
+        the Transpose is no re-parameterization)."""
+        weights = [e for e in block_exprs(expr, source) if isinstance(e, Conv)]
+        if not weights or not all(c.linear for c in weights):
+            return decision
+        for layout in (e for e in block_exprs(expr, source) if isinstance(e, Transpose) and
+                       [n.op_type for n in e.nodes] == ["Transpose"]):
+            inner = cut(expr, layout.tensor)
+            linear = self.decide(inner)
+            if linear is None:
+                below = block_exprs(layout.input, source)
+                if not any(isinstance(e, (Affine, Conv, AvgPool)) and getattr(e, "kind", "") != "noop"
+                           for e in below):
+                    return None
+            elif linear.report.fused and _as_linear(linear) and \
+                    _emitted(linear) <= len(block_nodes(inner, layout.tensor)):
+                return linear
+        return decision
 
     def _worth_reporting(self, expr: Expr, decision: Decision) -> bool:
         """A chain left unfused is reported when it has an affine op to fold (Conv→BN, BN→Conv)

@@ -225,6 +225,59 @@ def test_matmul_add_alone_is_left_as_it_is():
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
+def _to_tokens(b: Builder, x: str) -> str:
+    """[B, C, H, W] → [B, C, H·W] → [B, H·W, C]: x.flatten(2).transpose(1, 2)."""
+    flat = b.node("Reshape", [x, _int_const(b, [0, C, -1])])
+    return b.node("Transpose", [flat], perm=[0, 2, 1])
+
+
+def test_linear_after_a_transpose_to_tokens_is_left_as_it_is():
+    """Transpose → MatMul → Add could be written as a 1-D Conv and a Transpose back (one node
+    fewer), but that is no re-parameterization: a Linear with nothing to fold stays itself."""
+    b = Builder(seed=21)
+    x = b.input([2, C, 5, 3])
+    t = _to_tokens(b, x)
+    y = b.node("Add", [b.node("MatMul", [t, b.const(b.rng.normal(0, 0.5, (C, 5)))]), b.const(b.rng.normal(0, 1, 5))])
+    model = b.model(y)
+    result = fuse_with_report(model)
+    assert not result.report.fused
+    assert result.model.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_linear_with_a_norm_after_a_transpose_stays_a_linear(where):
+    """A per-channel affine next to a Linear on tokens folds into the Linear, which stays MatMul +
+    Add after the graph's Transpose (the deploy form: NextViT's q, LeViT's Linear_BN), not a 1-D
+    Conv on the untransposed tokens."""
+    b = Builder(seed=22)
+    x = b.input([2, C, 5, 3])
+    t = _to_tokens(b, x)
+    if where == "before":
+        t = b.node("Add", [b.node("Mul", [t, b.const(b.rng.uniform(0.5, 2, C))]), b.const(b.rng.normal(0, 1, C))])
+    y = b.node("Add", [b.node("MatMul", [t, b.const(b.rng.normal(0, 0.5, (C, 5)))]), b.const(b.rng.normal(0, 1, 5))])
+    if where == "after":
+        y = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, 5))])
+    result = fuse_and_check(b.model(y), {"MatMul": 1, "Add": 1, "Mul": 0, "Conv": 0, "Transpose": 1})
+    assert len(result.report.fused) == 1
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "mul_add"])
+def test_a_norm_before_the_transpose_to_tokens_folds_with_it(norm):
+    """A norm on [B, C, N] before the Transpose (a BatchNormalization is moved past it first; a
+    Mul/Add on the channel axis is not): the Linear takes it in."""
+    b = Builder(seed=23)
+    x = b.input([2, C, 5, 3])
+    flat = b.node("Reshape", [x, _int_const(b, [0, C, -1])])
+    if norm == "batchnorm":
+        flat = b.bn(flat, C)
+    else:
+        flat = b.node("Add", [b.node("Mul", [flat, b.const(b.rng.uniform(0.5, 2, (C, 1)))]),
+                              b.const(b.rng.normal(0, 1, (C, 1)))])
+    t = b.node("Transpose", [flat], perm=[0, 2, 1])
+    y = b.node("Add", [b.node("MatMul", [t, b.const(b.rng.normal(0, 0.5, (C, 5)))]), b.const(b.rng.normal(0, 1, 5))])
+    fuse_and_check(b.model(y), {"BatchNormalization": 0, "Mul": 0, "Add": 1 if norm == "batchnorm" else 0})
+
+
 def test_exact_but_costly_sum_is_not_half_fused():
     """(depthwise 3×3 + depthwise 1×1) + dense 1×1: the whole merge costs more, and fusing only
     the depthwise pair would leave a model that is neither form."""
