@@ -95,6 +95,38 @@ def remove_dead(graph: onnx.GraphProto, kept: List[onnx.NodeProto], read_before:
     forget_value_info(graph, {v.name for v in graph.value_info if v.name not in present})
 
 
+def adopt_alias_names(graph: onnx.GraphProto, nodes: List[onnx.NodeProto], removed: List[onnx.NodeProto]) \
+        -> List[onnx.NodeProto]:
+    """An initializer that a removed (fused) node read and that is now read only by Identity
+    nodes takes the name of the first one's output, and that Identity goes. Exporters alias
+    equal weights (TorchScript writes one zero bias and Identity copies for the others); once the
+    layer that read the weight itself is fused away, the deploy form's export has the weight under
+    its next reader's name. Same tensor, same values: one node fewer per orphaned alias set."""
+    outputs = {o.name for o in graph.output}
+    names = {i for n in removed if n.op_type != "Identity" for i in n.input} - outputs - \
+        {i.name for i in graph.input}
+    readers: Dict[str, List[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            if name in names:
+                readers.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in graph.initializer}
+    dropped: Set[int] = set()
+    for name, users in readers.items():
+        if name not in initializers or any(n.op_type != "Identity" or n.domain not in ("", "ai.onnx")
+                                           for n in users):
+            continue
+        first = next((n for n in users if n.output[0] not in outputs), None)
+        if first is None:
+            continue
+        initializers[name].name = first.output[0]
+        dropped.add(id(first))
+        for node in users:
+            if node is not first:
+                node.input[0] = first.output[0]
+    return [n for n in nodes if id(n) not in dropped] if dropped else nodes
+
+
 def forget_value_info(graph: onnx.GraphProto, names: Set[str]) -> None:
     """Drop the value_info entries of these tensors (their shapes may have changed, or they are gone)."""
     infos = [v for v in graph.value_info if v.name not in names]

@@ -20,7 +20,8 @@ import onnx
 from . import io
 from .analyse import Analyser, Decision, FuseOptions, as_linear
 from .check import check_alone
-from .edit import add_initializer, default_opset, drop_unvouched_value_info, list_as_inputs, remove_dead, used_names
+from .edit import (add_initializer, adopt_alias_names, default_opset, drop_unvouched_value_info, list_as_inputs,
+                   remove_dead, used_names)
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
 from .sink import Move, depends_on, may_move, sink_batchnorms, undo
@@ -104,6 +105,7 @@ def apply(analyser: Analyser, decisions: Sequence[Decision],
             kept.extend(replace[id(node)])
         elif id(node) not in removed:
             kept.append(node)
+    kept = adopt_alias_names(graph, kept, [n for n in graph.node if id(n) in removed])
     remove_dead(graph, kept, read_before, analyser.index.initializers_are_constant)
     return applied
 

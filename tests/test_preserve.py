@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from conftest import SETTINGS, Builder, assert_equivalent, assert_untouched, fuse_and_check, invoke, repvgg_block
+from conftest import (SETTINGS, Builder, assert_equivalent, assert_untouched, fuse_and_check, invoke, op_counts,
+                      repvgg_block)
 
 from reparam_onnx import fuse, fuse_with_report
 
@@ -113,6 +114,62 @@ def test_dead_weights_are_removed():
     used = {name for n in f.graph.node for name in n.input}
     assert {t.name for t in f.graph.initializer} <= used
     assert f.ByteSize() < m.ByteSize()
+
+
+def aliased_bias_model(case: str) -> onnx.ModelProto:
+    """Conv(bias b) → BN, fused; a second Conv (not a block) reads b through an Identity, as
+    TorchScript aliases equal weights (one zero bias, Identity copies for the others)."""
+    b = Builder(5)
+    x = b.input(SHAPE)
+    bias = b.const(np.zeros(4), "b")
+    fused = b.bn(b.node("Conv", [x, b.const(b.rng.normal(0, 0.5, (4, 4, 3, 3))), bias], kernel_shape=[3, 3],
+                        pads=[1, 1, 1, 1]), 4)
+    alias = b.node("Identity", [bias])
+    relu = b.node("Relu", [fused])
+
+    def pointwise(bias_name: str) -> str:
+        return b.node("Conv", [relu, b.const(b.rng.normal(0, 0.5, (4, 4, 1, 1))), bias_name], kernel_shape=[1, 1])
+
+    outputs = [pointwise(alias)]
+    if case == "alias_is_an_output":
+        b.output(alias, [4])
+    elif case == "read_by_another_node":
+        outputs.append(pointwise(bias))
+    elif case == "two_aliases":
+        outputs.append(pointwise(b.node("Identity", [bias])))
+    return b.model(*outputs)
+
+
+def test_an_alias_left_alone_by_the_fusion_takes_the_weight_name():
+    """Once the fused Conv that read b is gone, b is read only through its alias: b takes the
+    alias' name and the Identity goes (what exporting the deploy form writes)."""
+    for case, left in (("one_alias", 0), ("two_aliases", 1)):
+        m = aliased_bias_model(case)
+        f = fuse_and_check(m).model
+        assert op_counts(f).get("Identity", 0) == left, case
+        assert "identity1_out" in {t.name for t in f.graph.initializer}
+        assert all(n.input[0] == "identity1_out" for n in f.graph.node if n.op_type == "Identity")
+
+
+@pytest.mark.parametrize("case", ["alias_is_an_output", "read_by_another_node"])
+def test_an_alias_still_needed_stays(case):
+    m = aliased_bias_model(case)
+    f = fuse_and_check(m).model
+    assert op_counts(f)["Identity"] == 1
+    assert "b1" in {t.name for t in f.graph.initializer}
+
+
+def test_an_alias_of_a_weight_no_fused_node_read_stays():
+    """b aliased, but the fused block never read b itself: that part of the graph is not the
+    fusion's to tidy."""
+    b = Builder(6)
+    x = b.input(SHAPE)
+    bias = b.const(np.zeros(4), "b")
+    y = b.bn(b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), 4)
+    z = b.node("Conv", [b.node("Relu", [y]), b.const(b.rng.normal(0, 0.5, (4, 4, 1, 1))),
+                        b.node("Identity", [bias])], kernel_shape=[1, 1])
+    f = fuse_and_check(b.model(z)).model
+    assert op_counts(f)["Identity"] == 1
 
 
 # ---------------------------------------------------------------- byte-identical results
