@@ -1,7 +1,8 @@
 """Real architectures from timm, torchvision and ultralytics, exported as users do, through reparam-onnx.
 
 Needs torch, torchvision and timm (random weights: no network), and ultralytics for the
-detectors (built from their yaml, random init); prints, per model and exporter setting, the
+detectors (built from their yaml, random init, heads in export mode as `yolo export` sets
+them); prints, per model and exporter setting, the
 blocks fused per rule, the reasons of the blocks left, the node counts against the
 framework's own deploy form (timm `reparameterize_model`, ultralytics `model.fuse()`,
 exported the same way) and the verification result, then a summary table. A coverage
@@ -69,6 +70,7 @@ def build(source: str, name: str, size: int = 224):
     if source == "ultralytics":
         from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel
         model = (RTDETRDetectionModel if name.startswith("rtdetr") else DetectionModel)(name, verbose=False)
+        _export_mode(model, size)
     elif source == "torchvision":
         import torchvision
         model = torchvision.models.get_model(name)
@@ -84,6 +86,21 @@ def build(source: str, name: str, size: int = 224):
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0, 0.5)
     return model.eval()
+
+
+def _export_mode(model, size: int) -> None:
+    """The heads as `yolo export format=onnx` sets them (without its fuse()): only the outputs
+    a deployment reads (YOLOv10's one-to-one head, not the one-to-many training head), and C2f
+    written with split as the exporter writes it."""
+    from ultralytics.nn.modules import C2f, Detect, RTDETRDecoder
+    for m in model.modules():
+        if isinstance(m, (Detect, RTDETRDecoder)):
+            m.export, m.format, m.dynamic, m.shape = True, "onnx", False, None
+            anchors = m.num_queries if isinstance(m, RTDETRDecoder) else \
+                sum((size // int(s)) ** 2 for s in model.stride.tolist())
+            m.max_det = min(getattr(m, "max_det", 300), anchors)
+        elif isinstance(m, C2f):
+            m.forward = m.forward_split
 
 
 def deploy_form(source: str, model):
