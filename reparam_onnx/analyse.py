@@ -16,6 +16,7 @@ import onnx
 from .edit import default_opset
 from .graph import GraphIndex, reads
 from .linear import (Context, ConvMap, NotExact, TooCostly, bag_sums, chain_ops, choose_source, cut,
+                     trailing_reshape,
                      evaluate_block, output_shape_kept, source_layout, top_terms)
 from .report import BlockReport
 from .risk import numeric_risk
@@ -113,8 +114,12 @@ class Analyser:
         if top_terms(expr)[1]:
             return decision
         if decision.report.fused:
-            # a chain is rewritten only into fewer nodes (MatMul→Add is already its own deploy form)
-            return decision if _emitted(decision) < len(block_nodes(expr, source)) else None
+            # a chain is rewritten only into fewer nodes (MatMul→Add is already its own deploy form),
+            # or as many when a BatchNormalization goes (MatMul → BN becomes MatMul + Add)
+            nodes = block_nodes(expr, source)
+            fewer = _emitted(decision) < len(nodes) or _emitted(decision) == len(nodes) and \
+                any(n.op_type == "BatchNormalization" for n in nodes)
+            return decision if fewer else None
         # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
         # conv, or compose two convs); when that fails, the chain from the outermost conv's input.
         conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
@@ -188,8 +193,13 @@ class Analyser:
                 value = evaluate_block(expr, ctx)
             except NotExact as exc:
                 failure = exc
-        if value is not None and value.regroup is not None:   # a Flatten/Reshape inside: one Linear, same shape
-            failure = output_shape_kept(value, ctx, self.shapes.get(source, (None, None))[0])
+        if value is not None and (value.regroup is not None or value.reshape is not None):
+            # a Flatten/Reshape inside: one Linear, with the input's shape or then reshaped
+            if value.reshape is None:
+                failure = output_shape_kept(value, ctx, self.shapes.get(source, (None, None))[0])
+                target = None if failure is None else trailing_reshape(value, ctx)
+                if target is not None:
+                    value, failure = replace(value, reshape=target), None
             if failure is None and not as_linear(value, ctx, expr):
                 failure = NotExact("a Flatten/Reshape inside a block that is not one Gemm or MatMul", code="shape")
         if isinstance(failure, TooCostly):
@@ -337,7 +347,7 @@ class Analyser:
 def _emitted(d: Decision) -> int:
     """How many nodes _build_conv writes for a block."""
     if _as_linear(d):
-        return 1 if d.value.geometry.rank == 0 else 2
+        return (1 if d.value.geometry.rank == 0 else 2) + (d.value.reshape is not None)
     canonical = tuple(range(d.value.geometry.rank + 2))
     return 1 + (d.ctx.layout != canonical) + (d.value.layout != canonical)
 

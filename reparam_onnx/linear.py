@@ -72,6 +72,7 @@ class ConvMap:
     border: Optional[np.ndarray] = None
     regroup: Optional[Regroup] = None
     writes: Optional[dict] = None
+    reshape: Optional[tuple] = None   # the output then reshaped to this (trailing_reshape)
 
     @property
     def out_channels(self) -> int:
@@ -380,6 +381,22 @@ def output_shape_kept(value, ctx: Context, dims: Optional[Sequence[Optional[int]
                     code="shape", nodes=_names(regroup))
 
 
+def trailing_reshape(value, ctx: Context) -> Optional[tuple]:
+    """The shape a regrouped block's one Linear is reshaped to when the block does not restore
+    its input's shape (the dynamo exporter's Linear → view(-1, C) → BatchNorm1d): the last
+    regrouping's constant target (channels last, no 0, at most one -1), [-1, C] for a Flatten,
+    or the guaranteed dims of a Shape it reads. Exact: each regrouping keeps the channel axis
+    whole, the per-channel map commutes with it, and reshapes in a row are the last one."""
+    regroup = value.regroup
+    if regroup.target is not None:
+        return regroup.target
+    if regroup.like is None:
+        return (-1, _channels(value, ctx))
+    if regroup.like_dims and all(isinstance(d, int) and d > 0 for d in regroup.like_dims):
+        return tuple(regroup.like_dims)
+    return None
+
+
 def _evaluate_pad(expr: Pad, ctx: Context):
     if expr.problem:
         raise NotExact(expr.problem, code="operand", nodes=_names(expr))
@@ -605,8 +622,22 @@ def _sum_terms(values, ctx: Context):
 
 
 def evaluate_block(expr: Expr, ctx: Context) -> ConvMap:
-    """The one conv a block computes, when it costs no more than the block (_check_cost)."""
-    value = evaluate(expr, ctx)
+    """The one conv a block computes, when it costs no more than the block (_check_cost).
+
+    A Reshape to a constant shape that ends a block of a Linear (a pointwise map with the
+    channels last) is written after the Linear whatever it does to the channels (the dynamo
+    exporter's view of a Linear → BatchNorm1d straight into heads): reshapes in a row are the last
+    one, so the map need not commute with it."""
+    try:
+        value = evaluate(expr, ctx)
+    except NotExact:
+        if not (isinstance(expr, Regroup) and expr.target is not None):
+            raise
+        inner = evaluate(expr.input, ctx)
+        if not (isinstance(inner, ConvMap) and inner.geometry.is_pointwise and inner.pads is None and
+                inner.writes is None and (inner.regroup is not None or inner.layout.index(1) == len(inner.layout) - 1)):
+            raise
+        value = replace(inner, reshape=expr.target)
     if not isinstance(value, ConvMap):
         raise NotExact("the block has no conv", code="not_linear")
     if value.pads is not None or value.writes is not None:   # one conv cannot end in a padding

@@ -141,18 +141,27 @@ def build(d: Decision, root: onnx.NodeProto, names: Set[str]):
 
 
 def _build_linear(d: Decision, node_name: str, w_name: str, b_name: str, names: Set[str]):
-    """Gemm(x, W[O, C], b, transB=1) for a rank-2 input, else MatMul(x, Wᵀ[C, O]) + b."""
+    """Gemm(x, W[O, C], b, transB=1) for a rank-2 input, else MatMul(x, Wᵀ[C, O]) + b; then a
+    Reshape to the block's output shape when the block does not restore its input's."""
     value, dtype = d.value, d.dtype
     kernel = value.kernel.reshape(value.kernel.shape[:2]).astype(dtype, copy=False)
     bias = value.bias.astype(dtype, copy=False)
     source, output = d.report.input, d.expr.tensor
+    linear = output if value.reshape is None else unique_name(f"{node_name}.linear", names)
     if value.geometry.rank == 0:
-        node = onnx.helper.make_node("Gemm", [source, w_name, b_name], [output], name=node_name, transB=1)
-        return [node], {w_name: kernel, b_name: bias}
-    product = unique_name(f"{node_name}.matmul", names)
-    nodes = [onnx.helper.make_node("MatMul", [source, w_name], [product], name=node_name),
-             onnx.helper.make_node("Add", [product, b_name], [output], name=unique_name(f"{node_name}.bias", names))]
-    return nodes, {w_name: np.ascontiguousarray(kernel.T), b_name: bias}
+        nodes = [onnx.helper.make_node("Gemm", [source, w_name, b_name], [linear], name=node_name, transB=1)]
+        params = {w_name: kernel, b_name: bias}
+    else:
+        product = unique_name(f"{node_name}.matmul", names)
+        nodes = [onnx.helper.make_node("MatMul", [source, w_name], [product], name=node_name),
+                 onnx.helper.make_node("Add", [product, b_name], [linear], name=unique_name(f"{node_name}.bias", names))]
+        params = {w_name: np.ascontiguousarray(kernel.T), b_name: bias}
+    if value.reshape is not None:
+        shape = unique_name(f"{node_name}.shape", names)
+        nodes.append(onnx.helper.make_node("Reshape", [linear, shape], [output],
+                                           name=unique_name(f"{node_name}.reshape", names)))
+        params[shape] = np.asarray(value.reshape, np.int64)
+    return nodes, params
 
 
 def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True,

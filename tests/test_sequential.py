@@ -313,15 +313,51 @@ def test_linear_then_batchnorm_on_the_flattened_tokens(final):
     assert result.report.fused[0].shape == "linear+bn"
 
 
-@pytest.mark.parametrize("final,reason", [
-    ([-1, 45], "not proven to restore the block input's shape"),     # stays flattened: not one Linear's output
-    ([-1, 3, 5], "not proven to restore the block input's shape"),   # N regrouped: 9 tokens become 3
+@pytest.mark.parametrize("final", [
+    None,             # stays flattened, [B·N, C]: Reshape(-1, C) after the Linear
+    [-1, 45],         # flattened further
+    [-1, 3, 5],       # N regrouped: 9 tokens become 3 rows of 3
+    [-1, 9, 1, 5],    # a unit axis put in
 ])
-def test_reshape_to_another_shape_stays(final, reason):
+def test_linear_then_batchnorm_reshaped_to_another_shape(final):
+    """The block's output is not its input's shape: one Linear, then one Reshape to the block's
+    output shape (reshapes in a row are the last one; the BN folds through the flattening)."""
     b = Builder(seed=21)
     x = b.input(["B", 9, 6])
-    y = _levit(b, x, 9, 6, 5, final)
-    assert_untouched(b.model(y), reason)
+    if final is None:
+        y = b.bn(b.node("Flatten", [b.node("MatMul", [x, b.const(b.rng.normal(0, 0.5, (6, 5)))])], axis=2), 5)
+    else:
+        y = _levit(b, x, 9, 6, 5, final)
+    fuse_and_check(b.model(y), {"MatMul": 1, "Add": 1, "BatchNormalization": 0, "Flatten": 0, "Reshape": 1})
+
+
+@pytest.mark.parametrize("batch", [2, "B"])
+def test_linear_then_batchnorm_viewed_into_heads(batch):
+    """The dynamo exporter's LeViT qkv: Linear → view(-1, C) → BatchNorm1d → view(B, N, heads, d),
+    one Reshape splitting the channels into heads: MatMul + Add + that Reshape."""
+    b = Builder(seed=25)
+    x = b.input([batch, 9, 6])
+    y = b.node("MatMul", [x, b.const(b.rng.normal(0, 0.5, (6, 8)))])
+    y = b.bn(b.node("Reshape", [y, _int_const(b, [-1, 8])]), 8)
+    y = b.node("Reshape", [y, _int_const(b, [-1, 9, 2, 4])])
+    fuse_and_check(b.model(y), {"MatMul": 1, "Add": 1, "BatchNormalization": 0, "Reshape": 1})
+
+
+@pytest.mark.parametrize("z_dims", [["B", "N", 5], [2, 9, 5]])
+def test_reshape_to_the_shape_of_another_tensor(z_dims):
+    """Reshape to Shape(z) of a tensor outside the chain: with z's dims guaranteed (the shape the
+    Linear writes), one Linear; otherwise no constant can stand for them, so that Reshape stays,
+    reading the fused Linear → BN, which ends flattened."""
+    b = Builder(seed=26)
+    x = b.input([2, 9, 6])
+    z = b.input(z_dims, name="z")
+    y = b.node("MatMul", [x, b.const(b.rng.normal(0, 0.5, (6, 5)))])
+    y = b.node("Reshape", [b.bn(b.node("Flatten", [y], axis=2), 5), b.node("Shape", [z])])
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, 9, 6)).astype(np.float32),
+             "z": np.zeros((2, 9, 5), np.float32)}
+    known = isinstance(z_dims[0], int)
+    fuse_and_check(b.model(y), {"BatchNormalization": 0, "Flatten": 0, "Reshape": 0 if known else 2,
+                                "Shape": 0 if known else 1}, feeds=feeds, verify=False)
 
 
 def test_reshape_that_splits_the_channels_stays():
