@@ -89,18 +89,19 @@ def _sink_round(model: onnx.ModelProto, index: GraphIndex, heads) -> List[Move]:
                     reader.input[k] = bn.input[0]
                     move.rewired.append((reader, k))
         for n, (leaf, tensor, axis, rank) in enumerate(leaves):
+            read = bn.input[0] if tensor == bn.output[0] else tensor   # a reader of the BN itself: rewired above
             shape = (len(scale),) + (1,) * (rank - 1 - axis)
             base = f"{bn.name or bn.output[0]}/moved.{n}"
             s_name, t_name = unique_name(f"{base}.scale", names), unique_name(f"{base}.shift", names)
             add_initializer(graph, s_name, scale.reshape(shape))
             add_initializer(graph, t_name, shift.reshape(shape))
             scaled, shifted = unique_name(f"{base}.scaled", names), unique_name(f"{base}.shifted", names)
-            mul = onnx.helper.make_node("Mul", [tensor, s_name], [scaled], name=unique_name(f"{base}.mul", names))
+            mul = onnx.helper.make_node("Mul", [read, s_name], [scaled], name=unique_name(f"{base}.mul", names))
             add = onnx.helper.make_node("Add", [scaled, t_name], [shifted], name=unique_name(f"{base}.add", names))
             move.copies += [mul, add]
             move.initializers += [s_name, t_name]
-            k = list(leaf.input).index(tensor)
-            move.leaves.append((leaf, k, tensor, axis, rank))
+            k = list(leaf.input).index(read)
+            move.leaves.append((leaf, k, read, axis, rank))
             leaf.input[k] = shifted
         moves.append(move)
     _splice(graph, moves)
@@ -164,6 +165,10 @@ def _plan(bn: onnx.NodeProto, index: GraphIndex, heads):
         scale, shift = bn_affine(*params, attrs.get("epsilon", 1e-5))
     except ValueError:
         return None
+    producer = index.producer.get(bn.input[0])
+    if producer is not None and producer.op_type in ("Conv", "Gemm") and len(index.consumers[bn.input[0]]) == 1 \
+            and bn.input[0] not in index.outputs:
+        return None   # a Conv → BN folds as it is, once, whoever reads it
     leaves = _leaves(index, bn.output[0], 1, _symbolic(bn.input[0], dims), params[0].size, 0, heads)
     if not leaves:
         return None

@@ -109,3 +109,36 @@ def test_a_norm_that_cannot_reach_every_reader_stays(case):
     assert_equivalent(model, result.model)
     if case == "no_rule":
         assert result.model.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("readers", [2, 3])
+def test_a_norm_read_directly_by_several_convs_folds_into_each(readers):
+    """x → BN → several unpadded 1×1 Convs reading the BN itself (efficientformerv2's q, k, v
+    without constant folding): each takes a copy (this was an internal error)."""
+    b = Builder(seed=44)
+    x = b.input([2, C, 5, 7])
+    y = b.bn(x, C)
+    outs = [b.conv(y, C, 4, (1, 1)) for _ in range(readers)]
+    result = fuse_and_check(b.model(*outs), {"BatchNormalization": 0, "Conv": readers, "Mul": 0, "Add": 0})
+    assert [r.rule for r in result.report.fused] == ["prebn"] * readers
+
+
+def test_a_norm_read_directly_and_through_tokens_moves_to_both():
+    b = Builder(seed=45)
+    size = (3, 5)
+    x = b.input([2, C] + list(size))
+    y = b.bn(x, C)
+    direct = b.node("ReduceMean", [b.conv(y, C, 4, (1, 1))], axes=[2, 3], keepdims=0)
+    tokens = b.node("ReduceMean", [_linear(b, _tokens(b, y, [2, C, 15]))], axes=[1], keepdims=0)
+    fuse_and_check(b.model(b.node("Concat", [direct, tokens], axis=1)), {"BatchNormalization": 0})
+
+
+def test_a_conv_norm_read_by_several_folds_into_its_conv():
+    """Conv → BN → several 1×1 Convs: the BN folds once into the Conv before it, not into each reader."""
+    b = Builder(seed=46)
+    x = b.input([2, C, 9, 9])
+    y = b.bn(b.conv(x, C, C, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=C), C)
+    outs = [b.conv(y, C, 4, (1, 1)) for _ in range(3)]
+    result = fuse_and_check(b.model(*outs), {"BatchNormalization": 0, "Conv": 4})
+    assert [r.rule for r in result.report.fused] == ["conv_bn"]
+    assert not any("moved" in note for note in result.report.notes)
