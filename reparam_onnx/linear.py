@@ -100,6 +100,7 @@ class Context:
     layout: tuple = ()                  # how the block input is laid out (identity: N, C, spatial...)
     allow_larger: bool = False          # merge even when the merged conv costs more than its branches
     eps: float = float(np.finfo(np.float32).eps)   # of the model's float dtype: how far a stored padding value may round
+    budget: Optional[Tuple[int, int]] = None   # (weights of what the block replaces, its output channels): _check_early
 
     @property
     def canonical(self) -> tuple:
@@ -197,12 +198,20 @@ def chain_ops(expr: Expr) -> List[Expr]:
     is a block when it has two such ops, one a Conv (Conv→BN, BN→Conv, Conv→Conv, AvgPool→Conv)."""
     ops, e = [], expr
     while isinstance(e, (Affine, Transpose, Pad, Scatter, Conv, AvgPool, Regroup)):   # not through a Shared tensor
-        if isinstance(e, (Conv, AvgPool)) or isinstance(e, Affine) and e.kind not in ("noop", "bias"):
+        if isinstance(e, (Conv, AvgPool)) or isinstance(e, Affine) and e.kind not in ("noop", "bias") or \
+                _arithmetic_noop(e):
             ops.append(e)   # a Gemm's bias is part of its linear op, not one of its own
         e = e.input
     if not any(isinstance(op, Conv) for op in ops):
         return []
     return ops
+
+
+def _arithmetic_noop(e: Expr) -> bool:
+    """Add/Sub of 0, Mul/Div by 1 (timm's MobileOne exported with constant folding adds its
+    absent branches as a 0): a node to fold away, where an Identity or a Cast is layout."""
+    return isinstance(e, Affine) and e.kind == "noop" and len(e.nodes) == 1 and \
+        e.nodes[0].op_type in ("Add", "Sub", "Mul", "Div")
 
 
 def per_channel(value: np.ndarray, rank: int, channels: int, on_channels: bool, axis: int = 1) -> np.ndarray:
@@ -524,6 +533,7 @@ def _compose(name: str, weight: np.ndarray, bias: np.ndarray, group: int, geomet
     merged_group = math.gcd(group, inner.group)
     merged = weight.shape[0] * (ctx.channels // merged_group) * math.prod(size)
     _check_size(merged, size)
+    _check_early(ctx, merged_group, size)
     weight = np.asarray(weight, np.float64)
     kernel, merged_group = kernels.compose_kernels(weight, group, inner.kernel, inner.group, composition.steps,
                                                    composition.inner_factors, size)
@@ -628,8 +638,11 @@ def evaluate_block(expr: Expr, ctx: Context) -> ConvMap:
     channels last) is written after the Linear whatever it does to the channels (the dynamo
     exporter's view of a Linear → BatchNorm1d straight into heads): reshapes in a row are the last
     one, so the map need not commute with it."""
+    ctx = replace(ctx, budget=(block_weights(expr, ctx), block_out_channels(expr, ctx)))
     try:
         value = evaluate(expr, ctx)
+    except TooCostly:
+        raise
     except NotExact:
         if not (isinstance(expr, Regroup) and expr.target is not None):
             raise
@@ -642,7 +655,7 @@ def evaluate_block(expr: Expr, ctx: Context) -> ConvMap:
         raise NotExact("the block has no conv", code="not_linear")
     if value.pads is not None or value.writes is not None:   # one conv cannot end in a padding
         raise NotExact("the block ends in a padding after its last conv", code="border")
-    _check_cost(value, block_weights(expr, ctx), ctx)
+    _check_cost(value, ctx.budget[0], ctx)
     return value
 
 
@@ -671,6 +684,37 @@ def _check_size(merged: int, size: Sequence[int]) -> None:
     if merged > MAX_MERGED_WEIGHTS:
         shape = "×".join(map(str, size))
         raise TooCostly(f"the merged {shape} conv would have {merged:,} weights, over the limit of {MAX_MERGED_WEIGHTS:,}")
+
+
+def _check_early(ctx: Context, group: int, size: Sequence[int]) -> None:
+    """Refuse a costly merge before composing its kernel (a 7×7 depthwise before a 1×1 to 4C is
+    a dense 7×7 of 4C·C·49 weights, seconds and gigabytes to compute). Later ops only grow the
+    kernel and lower the group, and the block's output channels are known: the merged conv has
+    at least out · C/group · ∏size weights."""
+    if ctx.budget is None or ctx.allow_larger:
+        return
+    branches, out = ctx.budget
+    least = out * (ctx.channels // group) * math.prod(size)
+    if least > branches:
+        shape = "×".join(map(str, size))
+        raise TooCostly(f"merging would cost more: the merged conv (at least {shape}) would have at least {least:,} "
+                        f"weights and multiply-adds per output position, against {branches:,} for what it replaces "
+                        f"(×{least / max(branches, 1):.1f}; --allow-larger merges it anyway)")
+
+
+def block_out_channels(expr: Expr, ctx: Context) -> int:
+    """The channels a block writes: its outermost conv's outputs (pools, affine and layout ops
+    keep them), or its input's."""
+    e = expr
+    while True:
+        if isinstance(e, Sum):
+            e = e.terms[0][1]
+        elif isinstance(e, Conv) and e.weight is not None:
+            return int(np.shape(e.weight)[0])
+        elif isinstance(e, (Leaf, Shared)) and e.tensor == ctx.source or getattr(e, "input", None) is None:
+            return ctx.channels
+        else:
+            e = e.input
 
 
 def _check_cost(value: ConvMap, branches: int, ctx: Context) -> None:

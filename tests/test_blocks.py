@@ -9,6 +9,7 @@ import onnx
 from onnx import helper
 
 from conftest import Builder, fuse_and_check, repvgg_block
+from reparam_onnx import fuse_with_report
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -62,6 +63,21 @@ def test_add_zero_placeholder_and_identity_nodes():
     c = b.node("Identity", [b.bn(b.conv(x, 4, 4, (1, 1)), 4)])
     y = b.add(a, c, b.node("Identity", [x]))
     fuse_and_check(b.model(y), {"Conv": 1, "Add": 0, "Identity": 0})
+
+
+@pytest.mark.parametrize("op,value", [("Add", 0.0), ("Sub", 0.0), ("Mul", 1.0), ("Div", 1.0)])
+def test_a_conv_then_an_arithmetic_noop_is_one_conv(op, value):
+    """timm's MobileOne exported with constant folding: a block with only its conv branch left
+    adds its absent branches as a 0 (out = scale_out + identity_out, both 0): one Conv, as the
+    deploy form. An Identity after a conv is not such a block."""
+    b = Builder(seed=3)
+    x = b.input([1, 4, 9, 7])
+    y = b.node(op, [b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1)), b.const(np.array(value, np.float32))])
+    fuse_and_check(b.model(b.node("Relu", [y])), {"Conv": 1, op: 0})
+    b = Builder(seed=3)
+    x = b.input([1, 4, 9, 7])
+    model = b.model(b.node("Relu", [b.node("Identity", [b.conv(x, 4, 4, (3, 3), pads=(1, 1, 1, 1))])]))
+    assert not fuse_with_report(model).report.blocks
 
 
 def test_trivial_reparam_conv_plus_x():

@@ -73,3 +73,37 @@ def test_repvgg_family_is_never_more_expensive():
     x = b.input([1, 4, 9, 9])
     result = fuse_with_report(b.model(repvgg_block(b, x, 4, 4, group=2)))
     assert [blk.rule for blk in result.report.fused] == ["yolo_repconv"]
+
+
+def _chain(b: Builder, x: str, convs) -> str:
+    """Convs in a row (c_in, c_out, k, group), each without bias (zero padding stays exact),
+    then a BN: a sequential block."""
+    y = x
+    for c_in, c_out, k, group in convs:
+        y = b.conv(y, c_in, c_out, (k, k), pads=(k // 2,) * 4, group=group, bias=False)
+    return b.bn(y, convs[-1][1])
+
+
+def test_a_costly_chain_is_refused_before_its_kernel_is_built(monkeypatch):
+    """FastViT's ConvMlp: depthwise 7×7 → 1×1 to 4C is a dense 7×7 of 4C·C·49 weights: refused from
+    the block's output channels and sizes before composing (it took 14 s and 1.8 GB at C = 512)."""
+    from reparam_onnx import kernels
+    calls = []
+    real = kernels.compose_kernels
+    monkeypatch.setattr(kernels, "compose_kernels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    b = Builder(seed=53)
+    x = b.input([1, 8, 9, 7])
+    y = _chain(b, x, [(8, 8, 7, 8), (8, 32, 1, 1)])
+    result = fuse_and_check(b.model(y), {"Conv": 2, "BatchNormalization": 0})
+    assert not calls
+    assert [r.rule for r in result.report.fused] == ["conv_bn"]   # the 1×1 → BN alone
+
+
+def test_a_chain_whose_middle_is_wider_than_its_ends_still_merges():
+    """1×1 C→C/4, 3×3 C/4→4C, 1×1 4C→C/4: composing the first two is larger than the whole block
+    (4C·C·9), but the block writes C/4 channels, and C/4·C·9 is less than it replaces."""
+    b = Builder(seed=54)
+    x = b.input([1, 8, 9, 7])
+    y = _chain(b, x, [(8, 2, 1, 1), (2, 32, 3, 1), (32, 2, 1, 1)])
+    result = fuse_and_check(b.model(y), {"Conv": 1, "BatchNormalization": 0})
+    assert result.report.fused[0].kernel == [3, 3]
