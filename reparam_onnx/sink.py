@@ -2,7 +2,8 @@
 
 Before: BN → p₁ → … → (fan-out) → … → L₁, L₂, …   every path from the BN through ops pᵢ
         that move or average positions without mixing channels (Transpose; Reshape or Flatten
-        keeping the channel axis whole; AveragePool without padding) ending at a MatMul, Gemm
+        keeping the channel axis whole; AveragePool without padding, GlobalAveragePool,
+        ReduceMean over axes other than the channels') ending at a MatMul, Gemm
         or unpadded Conv Lⱼ that reads it as its input and has a constant weight.
 After:  p₁ → … on the BN's input, and x·s + t (Mul, Add: the BN's affine, on the channel axis
         where it is there) just before each Lⱼ, where the fusion folds it into Lⱼ (NextViT's
@@ -23,7 +24,7 @@ import onnx
 from .edit import add_initializer, used_names
 from .graph import GraphIndex, attributes, unique_name
 from .kernels import bn_affine
-from .symbolic import monomial, reshaped_dims
+from .symbolic import Symbolic, monomial, reshaped_dims
 
 MAX_DEPTH = 16   # layout ops between the BN and a linear op
 
@@ -41,7 +42,7 @@ class Move:
 MAX_ROUNDS = 4   # a BN moved in one round can let another (above it) move in the next
 
 
-_MOVING = {"Transpose", "Reshape", "Flatten", "AveragePool"}
+_MOVING = {"Transpose", "Reshape", "Flatten", "AveragePool", "GlobalAveragePool", "ReduceMean"}
 
 
 def may_move(graph: onnx.GraphProto) -> bool:
@@ -72,9 +73,10 @@ def sink_batchnorms(model: onnx.ModelProto, make_index: Callable[[], GraphIndex]
 def _sink_round(model: onnx.ModelProto, index: GraphIndex, heads) -> List[Move]:
     graph = model.graph
     plans = []
+    sym = Symbolic(index)   # dynamic dims as symbols, shared by the round's plans
     for node in graph.node:
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            plan = _plan(node, index, heads)
+            plan = _plan(node, index, heads, sym)
             if plan is not None:
                 plans.append((node, *plan))
     if not plans:
@@ -148,7 +150,7 @@ def _splice(graph: onnx.GraphProto, moves: Sequence[Move]) -> None:
         m.copies = live
 
 
-def _plan(bn: onnx.NodeProto, index: GraphIndex, heads):
+def _plan(bn: onnx.NodeProto, index: GraphIndex, heads, sym: Symbolic):
     """(s, t, leaves) when the BN can move: its affine in the model's dtype, and each linear op
     reading it with the tensor it reads, the channel axis there and the rank."""
     attrs = attributes(bn)
@@ -169,7 +171,10 @@ def _plan(bn: onnx.NodeProto, index: GraphIndex, heads):
     if producer is not None and producer.op_type in ("Conv", "Gemm") and len(index.consumers[bn.input[0]]) == 1 \
             and bn.input[0] not in index.outputs:
         return None   # a Conv → BN folds as it is, once, whoever reads it
-    leaves = _leaves(index, bn.output[0], 1, _symbolic(bn.input[0], dims), params[0].size, 0, heads)
+    start = sym.dims(bn.input[0])
+    if start is None:
+        return None
+    leaves = _leaves(index, sym, bn.output[0], 1, start, params[0].size, 0, heads)
     if not leaves:
         return None
     direct = len(leaves) == 1 and any(leaves[0][0] is c for c in index.consumers[bn.output[0]])
@@ -178,26 +183,25 @@ def _plan(bn: onnx.NodeProto, index: GraphIndex, heads):
     return scale.astype(dtype), shift.astype(dtype), leaves
 
 
-def _symbolic(tensor: str, dims) -> tuple:
-    return tuple(d if d is not None else ("dim", tensor, k) for k, d in enumerate(dims))
-
-
-def _leaves(index: GraphIndex, tensor: str, axis: int, dims: tuple, channels: int, depth: int, heads):
+def _leaves(index: GraphIndex, sym: Symbolic, tensor: str, axis: int, dims: tuple, channels: int, depth: int,
+            heads):
     """Every path from `tensor` (channels on `axis`) through moving ops to a linear op, or None."""
     readers = index.consumers.get(tensor, ())
     if tensor in index.outputs or not readers or depth > MAX_DEPTH:
         return None
     out = []
     for node in readers:
+        if any(node is r for r in index.shape_readers.get(tensor, ())):
+            continue   # reads only the shape (TorchScript's flatten sizes itself by Shape(x)): the move keeps it
         if node.domain not in ("", "ai.onnx") or list(node.input).count(tensor) != 1 or node.input[0] != tensor:
             return None
         if _absorbs(index, node, axis, len(dims), channels) or _copy_for(heads, node, axis, len(dims)):
             out.append((node, tensor, axis, len(dims)))
             continue
-        moved = _moved(index, node, axis, dims, channels)
+        moved = _moved(index, sym, node, axis, dims, channels)
         if moved is None:
             return None
-        below = _leaves(index, node.output[0], *moved, channels, depth + 1, heads)
+        below = _leaves(index, sym, node.output[0], *moved, channels, depth + 1, heads)
         if below is None:
             return None
         out.extend(below)
@@ -229,7 +233,7 @@ def _absorbs(index: GraphIndex, node, axis: int, rank: int, channels: int) -> bo
     return False
 
 
-def _moved(index: GraphIndex, node, axis: int, dims: tuple, channels: int) -> Optional[tuple]:
+def _moved(index: GraphIndex, sym: Symbolic, node, axis: int, dims: tuple, channels: int) -> Optional[tuple]:
     """(the channel axis, dims) of the node's output when it keeps every channel apart; else None."""
     op, attrs = node.op_type, attributes(node)
     if len([o for o in node.output if o]) != 1:
@@ -245,15 +249,23 @@ def _moved(index: GraphIndex, node, axis: int, dims: tuple, channels: int) -> Op
             target = (_product(dims[:a]), _product(dims[a:]))
             new = target if all(isinstance(d, int) for d in target) else None
         else:
-            target = index.try_value(node.input[1])
-            new = None if target is None else reshaped_dims(dims, [int(d) for d in target.reshape(-1)],
-                                                        attrs.get("allowzero", 0))
+            target = sym.sizes(node.input[1])   # a constant, or computed from dims (a dynamic batch)
+            new = None if target is None else reshaped_dims(dims, target, attrs.get("allowzero", 0))
         if new is None:
             return None
         for q in range(len(new)):   # the channel axis kept whole: same positions before it
             if new[q] == channels and monomial(new[:q]) == monomial(dims[:axis]):
                 return q, tuple(new)
         return None
+    if op == "GlobalAveragePool":
+        return (1, tuple(dims[:2]) + (1,) * (len(dims) - 2)) if axis == 1 and len(dims) > 2 else None
+    if op == "ReduceMean":
+        axes = _reduced_axes(index, node, len(dims))
+        if axes is None or axis in axes:
+            return None
+        if attrs.get("keepdims", 1):
+            return axis, tuple(1 if k in axes else d for k, d in enumerate(dims))
+        return axis - sum(1 for a in axes if a < axis), tuple(d for k, d in enumerate(dims) if k not in axes)
     if op == "AveragePool":
         auto_pad = attrs.get("auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -261,8 +273,22 @@ def _moved(index: GraphIndex, node, axis: int, dims: tuple, channels: int) -> Op
         if axis != 1 or any(attrs.get("pads") or ()) or auto_pad not in ("NOTSET", "VALID") \
                 or attrs.get("ceil_mode", 0) or info is None or info[0] is None:
             return None
-        return 1, _symbolic(node.output[0], info[0])
+        out = sym.dims(node.output[0])
+        return None if out is None else (1, out)
     return None
+
+
+def _reduced_axes(index: GraphIndex, node, rank: int) -> Optional[set]:
+    """The axes a ReduceMean averages (attribute before opset 18, input after); None when it
+    averages every axis or they are not constant."""
+    if index.opset >= 18:
+        value = index.try_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    else:
+        value = attributes(node).get("axes")
+    if value is None or np.size(value) == 0:
+        return None
+    axes = {int(a) % rank for a in np.asarray(value).reshape(-1)}
+    return axes if all(-rank <= int(a) < rank for a in np.asarray(value).reshape(-1)) else None
 
 
 def _product(dims):

@@ -22,7 +22,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .graph import MAX_FOLD_ELEMENTS, GraphIndex, attributes
+from .layout import UNARY
 
+_KEEP_N_C = {"AveragePool", "MaxPool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
 Dim = Tuple[str, str, int]          # ("dim", tensor, axis): a dynamic dim, ≥ 0
 Size = Union[int, Dim]
 ONE = "1"                           # the constant term's key
@@ -181,8 +183,11 @@ class Symbolic:
             if node is None or node.domain not in ("", "ai.onnx"):
                 break
             op = node.op_type
-            if op in ("ScatterND", "Identity", "Cast") or op == "Pad" and self._pads_axis(node, axis) == (0, 0):
-                name = node.input[0]
+            if op in ("ScatterND", "BatchNormalization") or op in UNARY or \
+                    op == "Pad" and self._pads_axis(node, axis) == (0, 0):
+                name = node.input[0]   # the output's dims are the input's
+            elif op in _KEEP_N_C and axis < 2 or op == "Conv" and axis == 0:
+                name = node.input[0]   # a pool keeps batch and channels, a conv the batch
             elif op == "Slice" and axis not in self._sliced_axes(node):
                 name = node.input[0]
             else:

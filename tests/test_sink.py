@@ -142,3 +142,120 @@ def test_a_conv_norm_read_by_several_folds_into_its_conv():
     result = fuse_and_check(b.model(*outs), {"BatchNormalization": 0, "Conv": 4})
     assert [r.rule for r in result.report.fused] == ["conv_bn"]
     assert not any("moved" in note for note in result.report.notes)
+
+
+@pytest.mark.parametrize("batch", [2, "B"])
+def test_a_norm_flattened_by_its_own_shape_moves(batch):
+    """TorchScript's x.flatten(2) after a norm: Reshape(y, Concat(Shape(y)[:2], [-1])), and
+    Shape(y) read again for H·W (fastvit_sa12's attention). The Shape readers read only the
+    shape, which the move keeps; the target is followed with a dynamic batch as a symbol."""
+    b = Builder(seed=47)
+    size = (3, 5)
+    x = b.input([batch, C] + list(size))
+    y = b.bn(x, C)
+    shape = b.node("Shape", [y])
+    target = b.node("Concat", [b.node("Slice", [shape, _ints(b, [0]), _ints(b, [2]), _ints(b, [0])]), _ints(b, [-1])],
+                    axis=0)
+    tokens = b.node("Transpose", [b.node("Reshape", [y, target])], perm=[0, 2, 1])
+    h = b.node("Gather", [b.node("Shape", [y]), _ints(b, 2)], axis=0)
+    model = b.model(_linear(b, tokens), b.node("Cast", [h], to=1))
+    result = fuse_and_check(model, {"BatchNormalization": 0})
+    assert [r.rule for r in result.report.fused] == ["linear_bn"]
+    if batch == "B":
+        feeds = {"x": np.random.default_rng(4).normal(size=(3, C) + size).astype(np.float32)}
+        assert_equivalent(model, result.model, feeds)
+
+
+def test_a_norm_pooled_then_flattened_by_the_input_batch_moves():
+    """B, C = x.shape at the top of forward, then pool(norm(x)).reshape(B, C, -1): the batch read
+    from x is the pooled tensor's batch (a pool keeps batch and channels)."""
+    b = Builder(seed=48)
+    x = b.input(["B", C, 4, 6])
+    batch = b.node("Slice", [b.node("Shape", [x]), _ints(b, [0]), _ints(b, [1]), _ints(b, [0])])
+    target = b.node("Concat", [batch, _ints(b, [C]), _ints(b, [-1])], axis=0)
+    pooled = b.node("AveragePool", [b.bn(x, C)], kernel_shape=[2, 2], strides=[2, 2])
+    tokens = b.node("Transpose", [b.node("Reshape", [pooled, target])], perm=[0, 2, 1])
+    model = b.model(_linear(b, tokens))
+    result = fuse_and_check(model, {"BatchNormalization": 0, "AveragePool": 1})
+    feeds = {"x": np.random.default_rng(5).normal(size=(3, C, 4, 6)).astype(np.float32)}
+    assert_equivalent(model, result.model, feeds)
+
+
+def _gemm_head(b: Builder, x: str, out: int = 5) -> str:
+    return b.node("Gemm", [x, b.const(b.rng.normal(0, 0.5, (out, C))), b.const(b.rng.normal(0, 1, out))], transB=1)
+
+
+@pytest.mark.parametrize("pool", ["global_average", "mean_keepdims", "mean_axes_input", "mean_to_conv"])
+def test_a_final_norm_moves_past_the_global_mean_into_the_heads(pool):
+    """A per-channel affine commutes with a mean over positions: BN → GlobalAveragePool → Flatten
+    → Gemm, BN → ReduceMean → Gemm heads (efficientformerv2's final norm and its two heads), BN →
+    mean → 1×1 conv classifier."""
+    opset = 18 if pool == "mean_axes_input" else 13
+    b = Builder(seed=49, opset=opset)
+    x = b.input([2, C, 3, 5])
+    y = b.bn(x, C)
+    if pool == "global_average":
+        outs = [_gemm_head(b, b.node("Flatten", [b.node("GlobalAveragePool", [y])]))]
+    elif pool == "mean_keepdims":
+        outs = [_gemm_head(b, b.node("Flatten", [b.node("ReduceMean", [y], axes=[2, 3], keepdims=1)]))]
+    elif pool == "mean_axes_input":
+        mean = b.node("ReduceMean", [y, _ints(b, [-1, 2])], keepdims=0)
+        outs = [_gemm_head(b, mean), _gemm_head(b, mean)]
+    else:
+        outs = [b.conv(b.node("ReduceMean", [y], axes=[2, 3], keepdims=1), C, 4, (1, 1))]
+    fuse_and_check(b.model(*outs), {"BatchNormalization": 0, "Mul": 0})
+
+
+@pytest.mark.parametrize("pool", ["mean_over_channels", "global_max"])
+def test_a_norm_before_a_pool_that_mixes_channels_or_is_not_a_mean_stays(pool):
+    b = Builder(seed=50)
+    x = b.input([2, C, 3, 5])
+    y = b.bn(x, C)
+    if pool == "mean_over_channels":
+        pooled = b.node("ReduceMean", [y], axes=[1, 3], keepdims=1)
+        out = b.conv(pooled, 1, 4, (1, 1))
+    else:
+        out = _gemm_head(b, b.node("Flatten", [b.node("GlobalMaxPool", [y])]))
+    model = b.model(out)
+    result = fuse_with_report(model)
+    assert op_counts(result.model)["BatchNormalization"] == 1
+    assert_equivalent(model, result.model)
+
+
+def test_a_norm_moves_past_a_channels_last_mean():
+    """BN → NHWC Transpose → ReduceMean over H, W (keepdims 0): the channels go from axis 3 to 1."""
+    b = Builder(seed=51)
+    x = b.input([2, C, 3, 5])
+    t = b.node("Transpose", [b.bn(x, C)], perm=[0, 2, 3, 1])
+    fuse_and_check(b.model(_gemm_head(b, b.node("ReduceMean", [t], axes=[1, 2], keepdims=0))),
+                   {"BatchNormalization": 0})
+
+
+@pytest.mark.parametrize("case", ["mean_over_channels", "global_pool_channels_last"])
+def test_a_mean_over_the_channels_keeps_the_norm_even_unverified(case):
+    """Averaging over the channel axis does not commute with a per-channel affine: the BN stays,
+    and it is the move's own condition that says so (no verification to catch it)."""
+    b = Builder(seed=52)
+    if case == "mean_over_channels":   # [2, C, C]: the mean over axis 1 leaves C values a Gemm can read
+        x = b.input([2, C, C])
+        out = _gemm_head(b, b.node("ReduceMean", [b.bn(x, C)], axes=[1], keepdims=0))
+    else:                              # NHWC with W == C: GlobalAveragePool averages W and C
+        x = b.input([2, C, 3, C])
+        t = b.node("Transpose", [b.bn(x, C)], perm=[0, 3, 2, 1])   # [N, W(=C), H, C]
+        out = _gemm_head(b, b.node("Flatten", [b.node("GlobalAveragePool", [t])]))
+    model = b.model(out)
+    result = fuse_with_report(model, verify=False)
+    assert op_counts(result.model)["BatchNormalization"] == 1
+    assert_equivalent(model, result.model)
+
+
+def test_a_norm_before_a_pool_and_a_pointwise_conv_folds_into_the_conv():
+    """coatnet's downsampling shortcut: BN → AvgPool 2×2/2 → 1×1 conv. Pool and conv merged would
+    be a dense 2×2 conv (more weights), so the chain is cut above the pool: the moved BN folds
+    into the 1×1 conv and the pool stays."""
+    b = Builder(seed=53)
+    x = b.input([2, C, 6, 8])
+    pooled = b.node("AveragePool", [b.bn(x, C)], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.conv(pooled, C, 2 * C, (1, 1))
+    result = fuse_and_check(b.model(b.node("Relu", [y])), {"BatchNormalization": 0, "AveragePool": 1, "Conv": 1})
+    assert [r.rule for r in result.report.fused] == ["prebn"]
