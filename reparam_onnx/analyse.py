@@ -121,12 +121,17 @@ class Analyser:
                 any(n.op_type == "BatchNormalization" for n in nodes)
             return decision if fewer else None
         # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
-        # conv, or compose two convs); when that fails, the chain from the outermost conv's input.
+        # conv, or compose two convs); when that fails, from each graph tensor above, deepest
+        # first (BN → AvgPool → 1×1: the pool and the conv cost more merged, the BN folds into
+        # the conv), the last from the outermost conv's input.
         conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
-        below = None if conv is None else graph_tensor_below(conv)
-        shorter = None if below is None or below == source else self.decide(cut(expr, below))
+        shorter = None
+        for below in ([] if conv is None else _tensors_below(conv, source)):
+            shorter = self.decide(cut(expr, below))
+            if shorter is not None and shorter.report.fused:
+                return shorter
         if shorter is not None:
-            return shorter if shorter.report.fused or self._worth_reporting(expr, decision) else decision
+            return shorter if self._worth_reporting(expr, decision) else decision
         return decision if self._worth_reporting(expr, decision) else None
 
     def _kept_linear(self, expr: Expr, source: str, decision: Decision) -> Optional[Decision]:
@@ -257,6 +262,10 @@ class Analyser:
                 return None, NotExact(f"'{source}' has {channels} channels but its conv reads {from_weights}",
                                       code="channels", nodes=[n.name for n in readers[0].nodes])
             channels = from_weights
+        if channels is None and dims is not None and len(dims) != rank + 2:
+            op = "Gemm/MatMul" if all(c.linear for c in convs) else "conv"
+            return None, NotExact(f"'{source}' has rank {len(dims)} but the block's {op} reads rank {rank + 2}: "
+                                  f"a Reshape between them changes the rank", code="shape")
         if channels is None or not 0 < channels <= MAX_CHANNELS:
             return None, NotExact(f"the channel count of '{source}' is unknown or implausible", code="channels")
         spatial = tuple(canonical[2:]) if canonical is not None else None
@@ -372,6 +381,19 @@ def graph_tensor_below(op: Expr) -> Optional[str]:
     while not e.nodes and not isinstance(e, (Leaf, Shared)):
         e = e.input
     return e.tensor
+
+
+def _tensors_below(op: Expr, source: str) -> List[str]:
+    """The graph tensors of a chain between `source` and the op's input, deepest first; the
+    last is the tensor the op reads (graph_tensor_below)."""
+    out, e = [], op.input
+    while e is not None and not isinstance(e, (Leaf, Shared, Sum)) and e.tensor != source:
+        if e.nodes:
+            out.append(e.tensor)
+        e = getattr(e, "input", None)
+    last = graph_tensor_below(op)
+    out = [t for t in reversed(out) if t != last]
+    return out + ([last] if last is not None and last != source else [])
 
 
 def _top_nodes(expr: Expr, whole_bag: bool = False) -> List[onnx.NodeProto]:

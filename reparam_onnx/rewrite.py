@@ -12,6 +12,8 @@ block's last node, so the node order stays topological.
 """
 from __future__ import annotations
 
+import re
+
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -234,6 +236,8 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool,
     left = [d.report for d in reversed(last) if not d.report.fused]
     for report in left:   # a node an earlier pass wrote stands for the nodes it replaced
         report.reason_nodes = [o for n in report.reason_nodes for o in (made[n].nodes if n in made else [n])]
+        if report.reason:
+            report.reason = _named_by_originals(report.reason, made)
     moved = {n.name: m.bn.name for m in moves for n in m.copies}   # a BN's copies stand for the BN
     for report in fused + left:
         report.nodes = list(dict.fromkeys(moved.get(n, n) for n in report.nodes))
@@ -252,6 +256,17 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool,
             notes.append(f"dropped {dropped} value_info entr{'y' if dropped == 1 else 'ies'} whose shapes the graph "
                          f"does not guarantee (a runtime that trusts them can fail on the rewritten graph)")
     return fused + left, notes
+
+
+def _named_by_originals(reason: str, made: Dict[str, BlockReport]) -> str:
+    """The reason with each node an earlier pass wrote, quoted, named by the nodes it replaced."""
+    for name in re.findall(r"'([^']*)'", reason):
+        block = made.get(name)
+        if block is not None and block.nodes:
+            first, last = block.nodes[0], block.nodes[-1]
+            text = f"'{first}'" if first == last else f"'{first}' … '{last}' (fused)"
+            reason = reason.replace(f"'{name}'", text)
+    return reason
 
 
 def _move_batchnorms(model: onnx.ModelProto, options: FuseOptions) -> List[Move]:

@@ -79,6 +79,7 @@ def test_a_node_fused_by_an_earlier_pass_is_named_by_its_originals():
     assert left.code == "border"
     originals = {n.name for n in model.graph.node if n.op_type != "BatchNormalization" or n.input[0] != "x"}
     assert set(left.reason_nodes) == originals
+    assert "reparam" not in left.reason and "(fused)" in left.reason   # the text names them too
 
 
 def test_attention_products_are_not_blocks():
