@@ -8,7 +8,7 @@ framework's own deploy form (timm `reparameterize_model`, ultralytics `model.fus
 exported the same way) and the verification result, then a summary table. A coverage
 survey, not a test.
 
-    python benchmarks/zoo_check.py [--out DIR] [--models repvgg_a0,mobileone_s0,...]
+    python benchmarks/zoo_check.py [--out DIR] [--models repvgg_a0,mobileone_s0,...] [--settings cf,nocf,dynamo]
     python benchmarks/zoo_check.py --list          # the models selected, with input size
     python benchmarks/zoo_check.py --discover      # which timm families reparameterize_model changes
 
@@ -114,12 +114,24 @@ def deploy_form(source: str, model):
     return None
 
 
-def export(model, path: Path, fold: bool, size: int = 224) -> None:
+# export setting: (exporter, constant folding)
+SETTINGS = {"cf": ("ts", True), "nocf": ("ts", False), "dynamo": ("dynamo", True)}
+# the op types a fused model must have no more of than the deploy form (issue 8)
+COUNTED = ("Conv", "Add", "BatchNormalization", "Gemm", "MatMul")
+
+
+def export(model, path: Path, setting: str, size: int = 224) -> None:
+    """TorchScript at opset 17 with constant folding on or off, or dynamo at opset 18 (its
+    default optimization)."""
     import torch
+    exporter, fold = SETTINGS[setting]
+    x = (torch.randn(1, 3, size, size),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(1, 3, size, size),), str(path), dynamo=False,
-                          opset_version=17, do_constant_folding=fold)
+        if exporter == "ts":
+            torch.onnx.export(model, x, str(path), dynamo=False, opset_version=17, do_constant_folding=fold)
+        else:
+            torch.onnx.export(model, x, str(path), dynamo=True, opset_version=18, verbose=False)
 
 
 def node_count(path: Path) -> int:
@@ -191,9 +203,9 @@ def discover(out: Path) -> None:
         deploy = deploy_form("timm", model)
         size = max(smallest_size(model), smallest_size(deploy))
         counts = []
-        for fold in (True, False):
-            export(model, out / "d_train.onnx", fold, size)
-            export(deploy, out / "d_deploy.onnx", fold, size)
+        for setting in ("cf", "nocf"):
+            export(model, out / "d_train.onnx", setting, size)
+            export(deploy, out / "d_deploy.onnx", setting, size)
             counts.append((node_count(out / "d_train.onnx"), node_count(out / "d_deploy.onnx")))
         changes = any(a != b for a, b in counts)
         hook_text = ", ".join(f"{n} {k}" for k, n in hooks.most_common())
@@ -204,7 +216,15 @@ def discover(out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------
 
-def survey(names, out: Path):
+def above(after: Counter, native: Counter) -> dict:
+    """Op types (of COUNTED, and all nodes) the fused graph has more of than the deploy form."""
+    over = {op: after[op] - native[op] for op in COUNTED if after[op] > native[op]}
+    if sum(after.values()) > sum(native.values()):
+        over["nodes"] = sum(after.values()) - sum(native.values())
+    return over
+
+
+def survey(names, out: Path, settings=("cf", "nocf")):
     import onnx
     from reparam_onnx import ReparamError, VerificationError, fuse_with_report
     rows = []
@@ -213,14 +233,18 @@ def survey(names, out: Path):
         start = time.time()
         model = build(source, ctor, size)
         deploy = deploy_form(source, model)
-        for fold in (True, False):
-            setting = "cf" if fold else "nocf"
+        for setting in settings:
             path = out / f"{name}.{setting}.onnx"
-            export(model, path, fold, size)
+            try:
+                export(model, path, setting, size)
+            except Exception as exc:   # an exporter that cannot take the model is a row, not the end
+                print(f"{path.name}: export failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                rows.append((name, setting, "export failed", "", "", ""))
+                continue
             native = native_ops = None
             if deploy is not None:
                 deploy_path = out / f"{name}.{setting}.deploy.onnx"
-                export(deploy, deploy_path, fold, size)
+                export(deploy, deploy_path, setting, size)
                 native_ops = Counter(n.op_type for n in onnx.load(str(deploy_path)).graph.node)
                 native = sum(native_ops.values())
             try:
@@ -246,10 +270,11 @@ def survey(names, out: Path):
                     ('passed' if v.passed else 'FAILED')
             before, after = sum(report.ops_before.values()), sum(report.ops_after.values())
             native_text = f" ({native})" if native is not None else ""
-            flag = " ABOVE deploy form" if native is not None and after > native else ""
+            over = above(Counter(report.ops_after), native_ops) if native is not None else {}
+            flag = " ABOVE deploy form (" + ", ".join(f"{op} +{n}" for op, n in over.items()) + ")" if over else ""
             print(f"{path.name} [{size}px]: fused {report.per_rule()}; nodes {before}→{after}{native_text}{flag}; "
                   f"verification {verdict}", flush=True)
-            if flag:   # which ops the fused graph has more of than the deploy form
+            if flag:   # which ops the fused graph has more or fewer of than the deploy form
                 diff = Counter(report.ops_after)
                 diff.subtract(native_ops)
                 print("    ops against the deploy form: " + ", ".join(
@@ -260,7 +285,7 @@ def survey(names, out: Path):
             for note in report.notes:
                 print(f"    note: {note}")
             rules = ", ".join(f"{n} {r}" for r, n in sorted(report.per_rule().items(), key=lambda kv: -kv[1]))
-            rows.append((name, f"{setting} {size}", rules or "—", f"{before} → {after}{native_text}",
+            rows.append((name, f"{setting} {size}", rules or "—", f"{before} → {after}{native_text}{' ABOVE' if over else ''}",
                          sum(reasons.values()), verdict))
         print(f"    ({time.time() - start:.0f} s)", flush=True)
     print("\n| model | setting | fused rules | nodes train → fused (deploy) | left | verification |")
@@ -273,6 +298,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="folder for the exported models (default: a temporary one)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names from --list")
+    parser.add_argument("--settings", default="cf,nocf",
+                        help=f"comma-separated export settings from {', '.join(SETTINGS)} (default cf,nocf)")
     parser.add_argument("--list", action="store_true", help="print the models selected and exit")
     parser.add_argument("--discover", action="store_true",
                         help="list the timm families whose reparameterize_model changes the export, and exit")
@@ -291,7 +318,10 @@ def main():
             source, ctor, size = MODELS[n]
             print(f"{n:22} {source:12} {ctor:24} {size}px")
         return
-    survey(names, out)
+    settings = [x for x in args.settings.split(",") if x]
+    if any(x not in SETTINGS for x in settings):
+        parser.error(f"unknown setting in {args.settings}; choose from {', '.join(SETTINGS)}")
+    survey(names, out, settings)
 
 
 if __name__ == "__main__":
