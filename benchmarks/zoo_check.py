@@ -313,14 +313,14 @@ def main():
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; see --list")
+    settings = [x for x in args.settings.split(",") if x]
+    if any(x not in SETTINGS for x in settings):
+        parser.error(f"unknown setting in {args.settings}; choose from {', '.join(SETTINGS)}")
     if args.list:
         for n in names:
             source, ctor, size = MODELS[n]
             print(f"{n:22} {source:12} {ctor:24} {size}px")
         return
-    settings = [x for x in args.settings.split(",") if x]
-    if any(x not in SETTINGS for x in settings):
-        parser.error(f"unknown setting in {args.settings}; choose from {', '.join(SETTINGS)}")
     survey(names, out, settings)
 
 
