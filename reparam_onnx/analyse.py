@@ -121,15 +121,17 @@ class Analyser:
                 any(n.op_type == "BatchNormalization" for n in nodes)
             return decision if fewer else None
         # A chain is first tried from as deep as the walk went (to fold a BN before an unpadded
-        # conv, or compose two convs); when that fails, from each graph tensor above, deepest
-        # first (BN → AvgPool → 1×1: the pool and the conv cost more merged, the BN folds into
-        # the conv), the last from the outermost conv's input.
+        # conv, or compose two convs); when that fails, from the outermost conv's input (the
+        # ops before it fold into their own conv), then from each graph tensor further down,
+        # deepest first (BN → AvgPool → 1×1: the pool and the conv cost more merged, the moved
+        # BN folds into the conv).
         conv = next((e for e in block_exprs(expr, source) if isinstance(e, Conv)), None)
-        shorter = None
-        for below in ([] if conv is None else _tensors_below(conv, source)):
-            shorter = self.decide(cut(expr, below))
-            if shorter is not None and shorter.report.fused:
-                return shorter
+        shorter = None   # the chain from the outermost conv's input: what is reported
+        for k, below in enumerate([] if conv is None else _tensors_below(conv, source)):
+            tried = self.decide(cut(expr, below))
+            if tried is not None and tried.report.fused:
+                return tried
+            shorter = tried if k == 0 else shorter
         if shorter is not None:
             return shorter if self._worth_reporting(expr, decision) else decision
         return decision if self._worth_reporting(expr, decision) else None
@@ -384,16 +386,15 @@ def graph_tensor_below(op: Expr) -> Optional[str]:
 
 
 def _tensors_below(op: Expr, source: str) -> List[str]:
-    """The graph tensors of a chain between `source` and the op's input, deepest first; the
-    last is the tensor the op reads (graph_tensor_below)."""
+    """The graph tensors of a chain between `source` and the op's input: first the tensor the op
+    reads (graph_tensor_below), then the others deepest first."""
     out, e = [], op.input
     while e is not None and not isinstance(e, (Leaf, Shared, Sum)) and e.tensor != source:
         if e.nodes:
             out.append(e.tensor)
         e = getattr(e, "input", None)
-    last = graph_tensor_below(op)
-    out = [t for t in reversed(out) if t != last]
-    return out + ([last] if last is not None and last != source else [])
+    first = graph_tensor_below(op)
+    return ([first] if first is not None and first != source else []) + [t for t in reversed(out) if t != first]
 
 
 def _top_nodes(expr: Expr, whole_bag: bool = False) -> List[onnx.NodeProto]:

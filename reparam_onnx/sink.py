@@ -247,7 +247,7 @@ def _moved(index: GraphIndex, sym: Symbolic, node, axis: int, dims: tuple, chann
         if op == "Flatten":
             a = attrs.get("axis", 1) % (len(dims) or 1) if dims else 0
             target = (_product(dims[:a]), _product(dims[a:]))
-            new = target if all(isinstance(d, int) for d in target) else None
+            new = target if None not in target else None
         else:
             target = sym.sizes(node.input[1])   # a constant, or computed from dims (a dynamic batch)
             new = None if target is None else reshaped_dims(dims, target, attrs.get("allowzero", 0))
@@ -292,6 +292,9 @@ def _reduced_axes(index: GraphIndex, node, rank: int) -> Optional[set]:
 
 
 def _product(dims):
-    if any(isinstance(d, tuple) for d in dims):
-        return None
-    return math.prod(dims)
+    """The product of sizes: an int, one dynamic dim times ones (a Flatten of [B, C, 1, 1] at
+    axis 1 keeps B), or None."""
+    coef, syms = monomial(dims)
+    if not syms:
+        return coef
+    return syms[0] if len(syms) == 1 and coef == 1 else None

@@ -51,12 +51,39 @@ def repvgg_bytes() -> bytes:
     return b.model(y).SerializeToString()
 
 
+def bn_moves_bytes() -> bytes:
+    """BNs that move (sink.py): read directly by three 1×1 convs, flattened by their own Shape
+    with a dynamic batch into three Linears, averaged into a Gemm head."""
+    b = Builder(seed=8)
+    c = 4
+    x = b.input(["B", c, 3, 5])
+    ints = lambda v: _int64(b, v)
+    y = b.bn(x, c)
+    outs = [b.conv(y, c, 3, (1, 1)) for _ in range(3)]
+    y = b.bn(x, c)
+    shape = b.node("Slice", [b.node("Shape", [y]), ints([0]), ints([2]), ints([0])])
+    tokens = b.node("Transpose", [b.node("Reshape", [y, b.node("Concat", [shape, ints([-1])], axis=0)])], perm=[0, 2, 1])
+    for _ in range(3):   # q, k, v
+        outs.append(b.node("Add", [b.node("MatMul", [tokens, b.const(b.rng.normal(size=(c, 3)))]),
+                                   b.const(b.rng.normal(size=3))]))
+    pooled = b.node("Flatten", [b.node("GlobalAveragePool", [b.bn(x, c)])])
+    outs.append(b.node("Gemm", [pooled, b.const(b.rng.normal(size=(3, c))), b.const(b.rng.normal(size=3))], transB=1))
+    return b.model(*outs).SerializeToString()
+
+
+def _int64(b: Builder, values) -> str:
+    name = b.name("i")
+    b.inits.append(onnx.numpy_helper.from_array(np.asarray(values, np.int64), name))
+    return name
+
+
 SEEDS = {
     "builder_repvgg": repvgg_bytes,
     "torch_repvgg": lambda: (FIXTURES / "torch" / "repvgg.ts_cf.onnx").read_bytes(),
     "tf_keras3_noopt": lambda: (FIXTURES / "tf" / "keras3_nhwc_op17_noopt.onnx").read_bytes(),
     # index grids from shapes (symbolic.py), DBB's border writes, AvgPool, Conv∘Conv
     "torch_dbb_b1": lambda: (FIXTURES / "families" / "dbb.ts_b1.onnx").read_bytes(),
+    "builder_bn_moves": bn_moves_bytes,
 }
 
 
@@ -319,7 +346,7 @@ def describe(outcome: Outcome) -> str:
 
 # ---------------------------------------------------------------- the mutant corpus
 
-PER_KIND = 100      # mutants per seed model and mutation kind: 4 × 5 × 100 = 2000
+PER_KIND = 100      # mutants per seed model and mutation kind: 5 × 5 × 100 = 2500
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +411,7 @@ def test_harness_reports_crashes_and_hangs(tmp_path):
 
 
 def test_mutants_fail_cleanly(corpus, tmp_path):
-    """2000 mutants through cli.main in watched, memory-limited children."""
+    """2500 mutants through cli.main in watched, memory-limited children."""
     outcomes = run_batch(corpus, tmp_path)
     codes = [o.code for o in outcomes]
     assert "not run" not in codes

@@ -185,14 +185,15 @@ def _gemm_head(b: Builder, x: str, out: int = 5) -> str:
     return b.node("Gemm", [x, b.const(b.rng.normal(0, 0.5, (out, C))), b.const(b.rng.normal(0, 1, out))], transB=1)
 
 
+@pytest.mark.parametrize("batch", [2, "B"])
 @pytest.mark.parametrize("pool", ["global_average", "mean_keepdims", "mean_axes_input", "mean_to_conv"])
-def test_a_final_norm_moves_past_the_global_mean_into_the_heads(pool):
+def test_a_final_norm_moves_past_the_global_mean_into_the_heads(pool, batch):
     """A per-channel affine commutes with a mean over positions: BN → GlobalAveragePool → Flatten
     → Gemm, BN → ReduceMean → Gemm heads (efficientformerv2's final norm and its two heads), BN →
     mean → 1×1 conv classifier."""
     opset = 18 if pool == "mean_axes_input" else 13
     b = Builder(seed=49, opset=opset)
-    x = b.input([2, C, 3, 5])
+    x = b.input([batch, C, 3, 5])   # a dynamic batch: Flatten's [B, C] is proven with B a symbol
     y = b.bn(x, C)
     if pool == "global_average":
         outs = [_gemm_head(b, b.node("Flatten", [b.node("GlobalAveragePool", [y])]))]
