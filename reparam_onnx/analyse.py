@@ -90,6 +90,11 @@ class Analyser:
             decision = self.decide(self.walker.walk(node.output[0], root=True))
             if decision is None:
                 continue
+            k = _said_already(decision, out)
+            if k is not None:   # the one report lists the inner block's nodes too
+                nodes = list(dict.fromkeys(out[k].report.nodes + decision.report.nodes))
+                out[k] = replace(out[k], report=replace(out[k].report, nodes=nodes))
+                continue
             out.append(decision)
             nodes = block_nodes(decision.expr, decision.report.input) if decision.report.fused \
                 else _top_nodes(decision.expr, whole_bag=decision.exact)
@@ -353,6 +358,18 @@ class Analyser:
             return value, dtype.type, None, NotExact(reason, code="dtype")
         risk = numeric_risk(value.kernel, value.bias)
         return replace(value, kernel=kernel, bias=bias), dtype.type, risk, None
+
+
+def _said_already(d: Decision, earlier: List[Decision]) -> Optional[int]:
+    """The earlier unfused block this one is inside of, reported for the same reason (a Linear's
+    MatMul under its bias Add): one report says it for both."""
+    if d.report.fused:
+        return None
+    for k, e in enumerate(earlier):
+        if not e.report.fused and e.report.reason == d.report.reason and e.expr is not None and \
+                any(x.tensor == d.expr.tensor for x in block_exprs(e.expr, e.report.input)):
+            return k
+    return None
 
 
 def _emitted(d: Decision) -> int:

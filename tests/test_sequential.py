@@ -380,7 +380,9 @@ def test_a_norm_before_a_reshape_and_a_padded_pool_says_why():
     y = b.node("Reshape", [b.bn(x, C), _int_const(b, [2, C, 15])])
     y = b.node("Transpose", [b.node("AveragePool", [y], kernel_shape=[3], pads=[1, 1])], perm=[0, 2, 1])
     y = b.node("Add", [b.node("MatMul", [y, b.const(b.rng.normal(0, 0.5, (C, 4)))]), b.const(b.rng.normal(0, 1, 4))])
-    assert_untouched(b.model(y), "'x' has rank 4 but the block's Gemm/MatMul reads rank 3")
+    result = assert_untouched(b.model(y), "'x' has rank 4 but the block's Gemm/MatMul reads rank 3")
+    (left,) = result.report.unfused   # said once for the Linear's Add and its MatMul, with every node
+    assert {"add1", "matmul1", "batchnormalization1"} <= set(left.nodes)
 
 
 def test_reshape_after_a_spatial_conv_stays():
