@@ -26,7 +26,7 @@ from .edit import (add_initializer, adopt_alias_names, default_opset, drop_unvou
                    remove_dead, used_names)
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .sink import Move, depends_on, may_move, sink_batchnorms, undo
+from .sink import Move, depends_on, may_move, sink_batchnorms, split_batchnorms, undo
 from .linear import inverse
 from .report import BlockReport
 from .shapes import static_shapes
@@ -210,6 +210,7 @@ def fuse_graph(model: onnx.ModelProto, options: FuseOptions, write: bool = True,
 
 def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool,
                  arrays: Optional[Dict[str, np.ndarray]]) -> Tuple[List[BlockReport], List[str]]:
+    split = _split_batchnorms(model, options) if write else {}
     moves = _move_batchnorms(model, options) if write else []
     fused: List[BlockReport] = []
     made: Dict[str, BlockReport] = {}      # name of a node a fusion created → the block it fused
@@ -239,10 +240,14 @@ def _fuse_passes(model: onnx.ModelProto, options: FuseOptions, write: bool,
         if report.reason:
             report.reason = _named_by_originals(report.reason, made)
     moved = {n.name: m.bn.name for m in moves for n in m.copies}   # a BN's copies stand for the BN
+    moved.update(split)                                            # and its slices
     for report in fused + left:
         report.nodes = list(dict.fromkeys(moved.get(n, n) for n in report.nodes))
         report.reason_nodes = list(dict.fromkeys(moved.get(n, n) for n in report.reason_nodes))
     notes = []
+    if split:
+        notes.append(f"split {len(set(split.values()))} BatchNormalization(s) after a channel Concat into one per "
+                     f"slice, folded into the Conv that writes it")
     if moves:
         notes.append(f"moved {len(moves)} BatchNormalization(s) to the linear ops that read them "
                      f"(through layout ops and fan-out) and folded them there")
@@ -267,6 +272,16 @@ def _named_by_originals(reason: str, made: Dict[str, BlockReport]) -> str:
             text = f"'{first}'" if first == last else f"'{first}' … '{last}' (fused)"
             reason = reason.replace(f"'{name}'", text)
     return reason
+
+
+def _split_batchnorms(model: onnx.ModelProto, options: FuseOptions) -> Dict[str, str]:
+    """BNs after a channel Concat of Convs, one per slice (sink.split_batchnorms)."""
+    if not any(n.op_type == "Concat" for n in model.graph.node):
+        return {}
+    made, read = split_batchnorms(model, Analyser(model, options).index)
+    if made:   # the split BNs' parameters (and what computed them) are read no more
+        remove_dead(model.graph, list(model.graph.node), read, options.initializers_as_constants)
+    return made
 
 
 def _move_batchnorms(model: onnx.ModelProto, options: FuseOptions) -> List[Move]:

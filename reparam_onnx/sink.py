@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -298,3 +298,69 @@ def _product(dims):
     if not syms:
         return coef
     return syms[0] if len(syms) == 1 and coef == 1 else None
+
+
+def split_batchnorms(model: onnx.ModelProto, index: GraphIndex) -> Tuple[Dict[str, str], Set[str]]:
+    """A BN after a Concat on the channel axis of Convs that only it reads (MixNet's MixConv:
+    Split → convs of several kernel sizes → Concat → BN) becomes one BN per slice, after the
+    conv that writes it, where the fusion folds it (Conv → BN). Exact: a per-channel op commutes
+    with a channel concatenation, each slice taking its channels' parameters. Returns the new
+    BNs' names → the BN each came from, and the parameters the split BNs read."""
+    graph = model.graph
+    names = used_names(graph)
+    made: Dict[str, str] = {}
+    read: Set[str] = set()
+    for bn in [n for n in graph.node if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]:
+        plan = _split_plan(bn, index)
+        if plan is None:
+            continue
+        concat, convs, params = plan
+        at = next(i for i, n in enumerate(graph.node) if n is concat)
+        start = 0
+        for k, conv in enumerate(convs):
+            size = int(np.shape(index.try_value(conv.input[1]))[0])
+            base = f"{bn.name or bn.output[0]}/slice{k}"
+            inputs = [conv.output[0]]
+            for p, value in zip(("scale", "B", "mean", "var"), params):
+                name = unique_name(f"{base}.{p}", names)
+                add_initializer(graph, name, value[start:start + size])
+                inputs.append(name)
+            out = unique_name(f"{base}.output", names)
+            node_name = unique_name(base, names)
+            graph.node.insert(at, onnx.helper.make_node("BatchNormalization", inputs, [out], name=node_name,
+                                                        epsilon=attributes(bn).get("epsilon", 1e-5)))
+            at += 1
+            concat.input[k] = out
+            made[node_name] = bn.name
+            start += size
+        concat.output[0] = bn.output[0]
+        read.update(bn.input[1:])
+        del graph.node[next(i for i, n in enumerate(graph.node) if n is bn)]
+    return made, read
+
+
+def _split_plan(bn: onnx.NodeProto, index: GraphIndex):
+    """(the Concat, its Convs, the BN's parameters) when the BN can be split after them."""
+    attrs = attributes(bn)
+    if attrs.get("training_mode", 0) or sum(1 for o in bn.output if o) != 1 or index.opset < 9:
+        return None
+    concat = index.producer.get(bn.input[0])
+    if concat is None or concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") \
+            or len(index.consumers[bn.input[0]]) != 1 or bn.input[0] in index.outputs:
+        return None
+    dims = index.shapes.get(bn.input[0], (None, None))[0]
+    if dims is None or attributes(concat).get("axis", 0) % len(dims) != 1 or len(set(concat.input)) != len(concat.input):
+        return None
+    params = [index.try_value(name) for name in bn.input[1:5]]
+    if any(p is None or p.ndim != 1 for p in params):
+        return None
+    convs = []
+    for name in concat.input:
+        conv = index.producer.get(name)
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or \
+                len(index.consumers[name]) != 1 or name in index.outputs or index.try_value(conv.input[1]) is None:
+            return None
+        convs.append(conv)
+    if sum(int(np.shape(index.try_value(c.input[1]))[0]) for c in convs) != params[0].size:
+        return None
+    return concat, convs, params

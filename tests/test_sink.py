@@ -260,3 +260,50 @@ def test_a_norm_before_a_pool_and_a_pointwise_conv_folds_into_the_conv():
     y = b.conv(pooled, C, 2 * C, (1, 1))
     result = fuse_and_check(b.model(b.node("Relu", [y])), {"BatchNormalization": 0, "AveragePool": 1, "Conv": 1})
     assert [r.rule for r in result.report.fused] == ["prebn"]
+
+
+def _mixconv(b: Builder, x: str, kernels, axis: int = 1, **reuse) -> str:
+    """MixNet's MixConv: Split the channels, a depthwise conv of its own kernel size per part,
+    Concat, then one BN."""
+    parts = len(kernels)
+    split = b.node("Split", [x, _ints(b, [C // parts] * parts)], n_out=parts, axis=1)
+    names = [split] + [f"{split[:-4]}_out{i}" for i in range(1, parts)]
+    convs = [b.conv(n, C // parts, C // parts, (k, k), pads=(k // 2,) * 4, group=C // parts, bias=False)
+             for n, k in zip(names, kernels)]
+    if reuse.get("input_as_part"):
+        convs[-1] = names[-1]
+    return b.bn(b.node("Concat", convs, axis=axis), C), convs
+
+
+@pytest.mark.parametrize("batch", [2, "B"])
+@pytest.mark.parametrize("kernels", [(3, 5), (3, 5, 7)])
+def test_a_norm_after_a_channel_concat_of_convs_splits_into_them(kernels, batch):
+    b = Builder(seed=54)
+    x = b.input([batch, C, 7, 5])
+    y, _ = _mixconv(b, x, kernels)
+    result = fuse_and_check(b.model(b.node("Relu", [y])), {"BatchNormalization": 0, "Concat": 1,
+                                                            "Conv": len(kernels)})
+    assert [r.rule for r in result.report.fused] == ["conv_bn"] * len(kernels)
+    assert all("batchnormalization1" in r.nodes for r in result.report.fused)   # named as in the input
+    assert any("split 1 BatchNormalization" in note for note in result.report.notes)
+    read = {name for n in result.model.graph.node for name in n.input}
+    assert {t.name for t in result.model.graph.initializer} <= read   # neither the BN's nor its slices' left
+
+
+@pytest.mark.parametrize("case", ["part_read_elsewhere", "part_not_a_conv", "concat_on_another_axis"])
+def test_a_norm_after_a_concat_that_is_not_only_its_convs_stays(case):
+    b = Builder(seed=55)
+    x = b.input([2, C, 6, 6])
+    if case == "concat_on_another_axis":
+        parts = [b.conv(x, C, C, (1, 1), bias=False), b.conv(x, C, C, (1, 1), bias=False)]
+        y = b.bn(b.node("Concat", parts, axis=2), C)
+        outs = [y]
+    else:
+        y, convs = _mixconv(b, x, (3, 5), input_as_part=case == "part_not_a_conv")
+        outs = [y, b.node("Relu", [convs[0]])] if case == "part_read_elsewhere" else [y]
+    model = b.model(*outs)
+    result = fuse_with_report(model)
+    # split, the BN would be exact but would not fold whole: it stays as it was, one BN
+    assert [n.name for n in result.model.graph.node if n.op_type == "BatchNormalization"] == ["batchnormalization1"]
+    assert not any("split" in note for note in result.report.notes)
+    assert_equivalent(model, result.model)
