@@ -79,19 +79,27 @@ def math_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims)) * 4
 
 
-@pytest.mark.parametrize("verify", [False, True])
-def test_the_command_writes_the_same_files(tmp_path, monkeypatch, verify):
-    """Lazy and eager runs: the same output model and data file, byte for byte; the input untouched."""
+def _eager_and_lazy(tmp_path, monkeypatch, options, verify: bool):
+    """The files of a folder after an eager and a lazy run on its model (options: after the model,
+    with the folder), and before each: {eager: (before, after)}."""
     out = {}
     for eager in (True, False):
         folder = tmp_path / ("eager" if eager else "lazy")
         path = _write(folder)
         before = _files(folder)
-        args = [path, "-o", folder / "f.onnx", "-q"] + ([] if verify else ["--no-verify"])
+        args = [path] + options(folder) + ["-q"] + ([] if verify else ["--no-verify"])
         assert _run(args, eager, monkeypatch) == 0
-        files = _files(folder)
+        out[eager] = before, _files(folder)
+    return out
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_the_command_writes_the_same_files(tmp_path, monkeypatch, verify):
+    """Lazy and eager runs: the same output model and data file, byte for byte; the input untouched."""
+    runs = _eager_and_lazy(tmp_path, monkeypatch, lambda folder: ["-o", folder / "f.onnx"], verify)
+    for before, files in runs.values():
         assert {k: files[k] for k in before} == before
-        out[eager] = files
+    out = {eager: files for eager, (_, files) in runs.items()}
     assert out[True] == out[False]
     assert {"f.onnx", "f.onnx.data"} <= set(out[False])
 
@@ -127,13 +135,8 @@ def test_inline_save_of_untouched_lazy_weights(tmp_path, monkeypatch):
 @pytest.mark.parametrize("verify", [False, True])
 def test_in_place(tmp_path, monkeypatch, verify):
     """The output over the input: the same files as an eager run, the input's data file replaced."""
-    out = {}
-    for eager in (True, False):
-        folder = tmp_path / ("eager" if eager else "lazy")
-        path = _write(folder)
-        args = [path, "--in-place", "-q"] + ([] if verify else ["--no-verify"])
-        assert _run(args, eager, monkeypatch) == 0
-        out[eager] = _files(folder)
+    out = {eager: files for eager, (_, files) in
+           _eager_and_lazy(tmp_path, monkeypatch, lambda folder: ["--in-place"], verify).items()}
     assert out[True] == out[False]
     assert "m.onnx.data" not in out[False]   # replaced by the new data file, then removed
     assert io.external_locations(tmp_path / "lazy" / "m.onnx")
