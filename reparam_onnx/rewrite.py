@@ -26,7 +26,7 @@ from .edit import (add_initializer, adopt_alias_names, default_opset, drop_unvou
                    remove_dead, used_names)
 from .graph import GraphIndex, reads, unique_name
 from .layout import cancel_transposes
-from .sink import Move, depends_on, may_move, sink_batchnorms, split_batchnorms, undo
+from .sink import Move, depends_on, may_move, may_split, sink_batchnorms, split_batchnorms, undo
 from .linear import inverse
 from .report import BlockReport
 from .shapes import static_shapes
@@ -276,7 +276,7 @@ def _named_by_originals(reason: str, made: Dict[str, BlockReport]) -> str:
 
 def _split_batchnorms(model: onnx.ModelProto, options: FuseOptions) -> Dict[str, str]:
     """BNs after a channel Concat of Convs, one per slice (sink.split_batchnorms)."""
-    if not any(n.op_type == "Concat" for n in model.graph.node):
+    if not may_split(model.graph):
         return {}
     made, read = split_batchnorms(model, Analyser(model, options).index)
     if made:   # the split BNs' parameters (and what computed them) are read no more

@@ -300,6 +300,12 @@ def _product(dims):
     return syms[0] if len(syms) == 1 and coef == 1 else None
 
 
+def may_split(graph: onnx.GraphProto) -> bool:
+    """Some BN reads a Concat's output: worth indexing the graph for (cheap)."""
+    concats = {n.output[0] for n in graph.node if n.op_type == "Concat" and n.output}
+    return any(n.op_type == "BatchNormalization" and n.input and n.input[0] in concats for n in graph.node)
+
+
 def split_batchnorms(model: onnx.ModelProto, index: GraphIndex) -> Tuple[Dict[str, str], Set[str]]:
     """A BN after a Concat on the channel axis of Convs that only it reads (MixNet's MixConv:
     Split → convs of several kernel sizes → Concat → BN) becomes one BN per slice, after the
